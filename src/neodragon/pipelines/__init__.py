@@ -1,0 +1,5 @@
+"""Generation pipelines."""
+
+from .neodragon import NeodragonPipeline, NeodragonPipelineOutput, PipelineConfig
+
+__all__ = ["NeodragonPipeline", "NeodragonPipelineOutput", "PipelineConfig"]

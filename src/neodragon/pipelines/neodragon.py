@@ -1,0 +1,451 @@
+"""NeodragonPipeline: text -> pyramidal-flow MMDiT (autoregressive over latent frames) -> VAE decoder -> SR.
+
+``hybrid`` makes frame 0 with a separate image generator and the rest with a step-distilled DiT (1 step per
+stage, no CFG); ``monolithic`` makes every frame with a multi-step DiT and classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+from ..models.context_adapter import ContextAdapter
+from ..models.first_frame import FirstFrameGenerator, SSD1BFirstFrameGenerator
+from ..models.mmdit import PyramidMMDiT
+from ..models.sr import QuickSRNet
+from ..models.text import TextEncoderBundle, TextEncoding
+from ..models.vae import AsymmetricCausalVideoVAE
+from ..schedulers import PyramidFlowMatchScheduler
+
+MODES = ("hybrid", "monolithic")
+PIPELINE_CONFIG = "pipeline_config.json"
+SUBFOLDERS = {
+    "vae": "causal_video_vae",
+    "super_resolution": "super_resolution",
+    ("hybrid", "transformer"): "diffusion_transformer_320p",
+    ("hybrid", "context_adapter"): "context_adapter",
+    ("monolithic", "transformer"): "diffusion_transformer_320p_multistep_t2v",
+    ("monolithic", "context_adapter"): "context_adapter_multistep_t2v",
+}
+DEFAULT_NEGATIVE_PROMPT = (
+    "cartoon style, worst quality, low quality, blurry, absolute black, absolute white, low res, extra limbs, "
+    "extra digits, misplaced objects, mutated anatomy, monochrome, horror"
+)
+
+
+@dataclass
+class ModeDefaults:
+    """Sampling defaults of one mode (unit 0 = first latent frame, units >= 1 = the rest)."""
+
+    num_inference_steps: list[int]
+    video_num_inference_steps: list[int]
+    guidance_scale: float
+    video_guidance_scale: float
+
+
+@dataclass
+class PipelineConfig:
+    """Generation defaults and latent constants; ``pipeline_config.json`` in a checkpoint folder overrides them.
+
+    The official release has no such file, so the defaults are the reference values (49 x 320 x 512).
+    """
+
+    height: int = 320
+    width: int = 512
+    num_frames: int = 49
+    fps: int = 24
+    default_mode: str = "hybrid"
+    first_frame: str = "ssd_1b"  # "ssd_1b" or "pyramid_dit" (frame 0 from the multi-step DiT pair)
+    first_frame_height: int = 640  # SSD-1B renders at 640x1024; the image is downsized to the video size
+    first_frame_width: int = 1024
+    prompt_modifier: str = ", hyper quality, Ultra HD, 8K"
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    image_latent_shift: float = 0.1490
+    image_latent_scale: float = 0.5430
+    video_latent_shift: float = -0.2343
+    video_latent_scale: float = 0.3031
+    modes: dict[str, ModeDefaults] = field(default_factory=lambda: {
+        "hybrid": ModeDefaults([1, 1, 1], [1, 1, 1], 0.0, 0.0),
+        "monolithic": ModeDefaults([20, 20, 20], [10, 10, 10], 7.0, 5.0),
+    })
+
+    @classmethod
+    def load(cls, root: Path) -> PipelineConfig:
+        path = root / PIPELINE_CONFIG
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it.") from err
+        modes = {name: ModeDefaults(**values) for name, values in data.pop("modes", {}).items()}
+        config = cls(**data)
+        config.modes.update(modes)
+        return config
+
+    def save(self, root: Path) -> None:
+        (root / PIPELINE_CONFIG).write_text(json.dumps(asdict(self), indent=2))
+
+
+@dataclass
+class NeodragonPipelineOutput(BaseOutput):
+    """``frames``: PIL lists per video, ``np`` [B, F, H, W, 3] or ``pt`` [B, F, 3, H, W] in [0, 1], or latents."""
+
+    frames: Any
+
+
+@dataclass
+class _Conditioning:
+    context: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def cat(self, other: _Conditioning) -> _Conditioning:
+        return _Conditioning(*(torch.cat([a, b]) for a, b in zip(
+            (self.context, self.mask, self.pooled), (other.context, other.mask, other.pooled), strict=True)))
+
+
+class NeodragonPipeline(DiffusionPipeline):
+    """Text-to-video with a pyramidal-flow MMDiT; see the module docstring for the two modes."""
+
+    model_cpu_offload_seq = "text_encoder->context_adapter->transformer->vae->super_resolution"
+
+    def __init__(self, text_encoder: TextEncoderBundle, context_adapter: ContextAdapter, transformer: PyramidMMDiT,
+                 vae: AsymmetricCausalVideoVAE, scheduler: PyramidFlowMatchScheduler, mode: str = "hybrid",
+                 first_frame_generator: FirstFrameGenerator | None = None, super_resolution: QuickSRNet | None = None,
+                 pipeline_config: PipelineConfig | None = None):
+        super().__init__()
+        _check_mode(mode)
+        self.register_modules(text_encoder=text_encoder, context_adapter=context_adapter, transformer=transformer,
+                              vae=vae, scheduler=scheduler, super_resolution=super_resolution)
+        self.mode = mode
+        self.first_frame_generator = first_frame_generator
+        self.pipeline_config = pipeline_config or PipelineConfig()
+
+    # -- loading and saving -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, mode: str | None = None,
+                        torch_dtype: torch.dtype | None = None, load_super_resolution: bool = True,
+                        cache_dir: str | Path | None = None, revision: str | None = None) -> NeodragonPipeline:
+        """Load a checkpoint folder in the official layout (or a hub id, which needs the network).
+
+        Only the components of ``mode`` are loaded: the hybrid and monolithic DiT/adapter pairs are trained
+        pairs and are never mixed.
+        """
+        root = resolve_checkpoint(pretrained_model_name_or_path, cache_dir=cache_dir, revision=revision)
+        config = PipelineConfig.load(root)
+        mode = mode or config.default_mode
+        _check_mode(mode)
+        dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        parts = {
+            "text_encoder": TextEncoderBundle.from_pretrained(root, **dtype_kw),
+            "transformer": _load(PyramidMMDiT, root, SUBFOLDERS[mode, "transformer"], dtype_kw),
+            "context_adapter": _load(ContextAdapter, root, SUBFOLDERS[mode, "context_adapter"], dtype_kw),
+            "vae": _load(AsymmetricCausalVideoVAE, root, SUBFOLDERS["vae"], dtype_kw),
+        }
+        sr_dir = root / SUBFOLDERS["super_resolution"]
+        if load_super_resolution and sr_dir.is_dir():
+            parts["super_resolution"] = _load(QuickSRNet, root, SUBFOLDERS["super_resolution"], dtype_kw)
+        scheduler_dir = root / "scheduler"
+        scheduler = (PyramidFlowMatchScheduler.from_pretrained(scheduler_dir) if scheduler_dir.is_dir()
+                     else PyramidFlowMatchScheduler())  # the release builds its scheduler from code defaults
+        first_frame = None
+        if mode == "hybrid":
+            first_frame = _load_first_frame(root, config, parts, scheduler, dtype_kw)
+        return cls(scheduler=scheduler, mode=mode, first_frame_generator=first_frame, pipeline_config=config, **parts)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """Write the official folder layout (plus ``pipeline_config.json`` and ``scheduler/``)."""
+        root = Path(save_directory)
+        root.mkdir(parents=True, exist_ok=True)
+        self.text_encoder.save_pretrained(root)
+        self.transformer.save_pretrained(root / SUBFOLDERS[self.mode, "transformer"])
+        self.context_adapter.save_pretrained(root / SUBFOLDERS[self.mode, "context_adapter"])
+        self.vae.save_pretrained(root / SUBFOLDERS["vae"])
+        self.scheduler.save_pretrained(root / "scheduler")
+        if self.super_resolution is not None:
+            self.super_resolution.save_pretrained(root / SUBFOLDERS["super_resolution"])
+        if isinstance(self.first_frame_generator, (SSD1BFirstFrameGenerator, PyramidFirstFrameGenerator)):
+            self.first_frame_generator.save_pretrained(root)
+        self.pipeline_config.save(root)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def to(self, *args, **kwargs) -> NeodragonPipeline:
+        super().to(*args, **kwargs)
+        if self.first_frame_generator is not None and hasattr(self.first_frame_generator, "to"):
+            self.first_frame_generator.to(*args, **kwargs)
+        return self
+
+    # -- generation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | list[int] | None = None,
+        video_num_inference_steps: int | list[int] | None = None,
+        guidance_scale: float | None = None,
+        video_guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        prompt_modifier: str | None = None,
+        generator: torch.Generator | None = None,
+        super_resolution: bool = False,
+        output_type: str = "pil",
+        callback_on_step_end: Callable[[NeodragonPipeline, int, float, dict], dict | None] | None = None,
+        return_dict: bool = True,
+    ) -> NeodragonPipelineOutput | tuple:
+        """Generate one video per prompt.
+
+        Step counts are per pyramid stage (an int means the same for every stage); unit 0 (the first latent
+        frame) uses ``num_inference_steps``/``guidance_scale`` and later units the ``video_*`` values. CFG runs
+        wherever the applicable guidance scale is > 1. ``callback_on_step_end(pipe, step, timestep, state)``
+        gets ``state = {"latents", "unit", "stage"}`` and may return ``{"latents": ...}`` to replace them.
+        """
+        cfg = self.pipeline_config
+        defaults = cfg.modes[self.mode]
+        prompts = _check_prompts(prompt)
+        num_frames, height, width = num_frames or cfg.num_frames, height or cfg.height, width or cfg.width
+        self._check_geometry(num_frames, height, width)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'latent'; got {output_type!r}.")
+        if super_resolution and self.super_resolution is None:
+            raise ValueError("This checkpoint has no super_resolution/ component; generate without SR.")
+        stages = self.scheduler.config.stages
+        steps = [_steps(num_inference_steps, defaults.num_inference_steps, stages),
+                 _steps(video_num_inference_steps, defaults.video_num_inference_steps, stages)]
+        guidance = [defaults.guidance_scale if guidance_scale is None else guidance_scale,
+                    defaults.video_guidance_scale if video_guidance_scale is None else video_guidance_scale]
+        modifier = cfg.prompt_modifier if prompt_modifier is None else prompt_modifier
+        prompts = [p + modifier for p in prompts]
+
+        cond = self.encode_prompt(prompts)
+        start_unit = 1 if self.mode == "hybrid" else 0
+        latent_frames = (num_frames - 1) // self.vae.config.temporal_downsample_scale + 1
+        uses_cfg = (start_unit == 0 and guidance[0] > 1.0) or (latent_frames > 1 and guidance[1] > 1.0)
+        uncond = self.encode_prompt([cfg.negative_prompt if negative_prompt is None else negative_prompt]
+                                    * len(prompts)) if uses_cfg else None
+
+        generated = [self._first_frame_latent(prompts, height, width, generator)] if start_unit else []
+        stage0_noise = self.prepare_noise(len(prompts), latent_frames, height, width, generator)
+        calls = sum(sum(steps[min(unit, 1)]) for unit in range(start_unit, latent_frames))
+        with self.progress_bar(total=calls) as progress:
+            for unit in range(start_unit, latent_frames):
+                first = unit == 0
+                scale = guidance[0 if first else 1]
+                unit_cond = uncond.cat(cond) if scale > 1.0 else cond
+                latents = stage0_noise[:, :, unit : unit + 1]
+                generated.append(self.sample_unit(
+                    latents, self.scheduler.build_history(generated) if generated else None, unit_cond,
+                    steps[0 if first else 1], scale, generator, unit, progress, callback_on_step_end))
+        latents = torch.cat(generated, dim=2)
+        if output_type == "latent":
+            return NeodragonPipelineOutput(frames=latents) if return_dict else (latents,)
+        video = self.decode_latents(latents)
+        if super_resolution:
+            video = self.super_resolution(video)
+        frames = _postprocess(video, output_type)
+        return NeodragonPipelineOutput(frames=frames) if return_dict else (frames,)
+
+    def encode_prompt(self, prompts: list[str]) -> _Conditioning:
+        """Text bundle (tokens, mask, pooled) then the ContextAdapter on the token stream."""
+        encoding: TextEncoding = self.text_encoder.encode(prompts)
+        dtype = self.transformer.dtype
+        context = self.context_adapter(encoding.tokens.to(self.device, self.context_adapter.dtype)).to(dtype)
+        return _Conditioning(context, encoding.mask.to(self.device), encoding.pooled.to(self.device, dtype))
+
+    def prepare_noise(self, batch: int, latent_frames: int, height: int, width: int,
+                      generator: torch.Generator | None) -> torch.Tensor:
+        """Full-resolution noise, reduced to stage 0 by the noise pyramid (drawn in fp32 on the CPU so that a
+        seed gives the same video on every device)."""
+        down = self.vae.config.spatial_downsample_scale
+        shape = (batch, self.transformer.config.in_channels, latent_frames, height // down, width // down)
+        noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+        return self.scheduler.noise_pyramid(noise)[0].to(self.device, self.transformer.dtype)
+
+    def sample_unit(self, latents: torch.Tensor, history: list[list[torch.Tensor]] | None, cond: _Conditioning,
+                    steps: list[int], guidance_scale: float, generator: torch.Generator | None = None,
+                    unit: int = 0, progress=None, callback: Callable | None = None) -> torch.Tensor:
+        """Generate one latent frame through all pyramid stages: Euler steps per stage, then upsample+renoise."""
+        use_cfg = guidance_scale > 1.0
+        for stage, num_steps in enumerate(steps):
+            if stage > 0:
+                latents = self.scheduler.upsample_and_renoise(latents, stage, generator=generator)
+            timesteps = self.scheduler.stage_timesteps(num_steps, stage)
+            sigmas = self.scheduler.stage_sigmas(num_steps, stage).to(latents.dtype)
+            clips = history[stage] if history else []
+            if use_cfg:
+                clips = [torch.cat([clip, clip]) for clip in clips]
+            for i, timestep in enumerate(timesteps):
+                model_input = torch.cat([latents, latents]) if use_cfg else latents
+                t = timestep.to(self.device, latents.dtype).expand(model_input.shape[0])
+                velocity = self.transformer([clips + [model_input]], cond.context, cond.mask, cond.pooled, t)[0]
+                if use_cfg:
+                    uncond, text = velocity.chunk(2)
+                    velocity = uncond + guidance_scale * (text - uncond)
+                latents = self.scheduler.step(velocity, sigmas[i], sigmas[i + 1], latents)
+                if callback is not None:
+                    update = callback(self, i, float(timestep), {"latents": latents, "unit": unit, "stage": stage})
+                    latents = (update or {}).get("latents", latents)
+                if progress is not None:
+                    progress.update()
+        return latents
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Un-normalise (frame 0 with the image constants, later frames with the video ones) and decode."""
+        cfg = self.pipeline_config
+        first = latents[:, :, :1] / cfg.image_latent_scale + cfg.image_latent_shift
+        rest = latents[:, :, 1:] / cfg.video_latent_scale + cfg.video_latent_shift
+        z = torch.cat([first, rest], dim=2).to(self.vae.dtype)
+        return self.vae.decode(z).sample.float()
+
+    def _first_frame_latent(self, prompts: list[str], height: int, width: int,
+                            generator: torch.Generator | None) -> torch.Tensor:
+        if self.first_frame_generator is None:
+            raise ValueError("Hybrid mode needs a first-frame generator; load the checkpoint with mode='hybrid' "
+                             "from a folder that has one, or use mode='monolithic'.")
+        image = self.first_frame_generator(prompts, height, width, generator=generator)
+        image = image.to(self.device, self.vae.dtype).unsqueeze(2)
+        z = self.vae.encode(image).latent_dist.sample(generator=generator)  # stochastic, as in the reference
+        cfg = self.pipeline_config
+        return ((z - cfg.image_latent_shift) * cfg.image_latent_scale).to(self.transformer.dtype)
+
+    def _check_geometry(self, num_frames: int, height: int, width: int) -> None:
+        t_down = self.vae.config.temporal_downsample_scale
+        if num_frames < 1 or (num_frames - 1) % t_down:
+            raise ValueError(f"num_frames must be 1 + {t_down}k (e.g. {1 + t_down}, {1 + 2 * t_down}, "
+                             f"{1 + 6 * t_down}); got {num_frames}.")
+        factor = (self.vae.config.spatial_downsample_scale * self.transformer.config.patch_size
+                  * 2 ** (self.scheduler.config.stages - 1))
+        if height <= 0 or width <= 0 or height % factor or width % factor:
+            raise ValueError(f"height and width must be positive multiples of {factor} (VAE x patch x pyramid "
+                             f"factor); got {height}x{width}.")
+
+
+class PyramidFirstFrameGenerator:
+    """Frame 0 from a multi-step DiT/adapter pair (the monolithic pair): text-to-image by pyramidal flow.
+
+    Used by small presets that have no separate image model; it stands behind the same call as SSD-1B.
+    """
+
+    def __init__(self, pipe: NeodragonPipeline, steps: list[int], guidance_scale: float):
+        self.pipe, self.steps, self.guidance_scale = pipe, steps, guidance_scale
+
+    def save_pretrained(self, root: str | Path) -> None:
+        self.pipe.transformer.save_pretrained(Path(root) / SUBFOLDERS["monolithic", "transformer"])
+        self.pipe.context_adapter.save_pretrained(Path(root) / SUBFOLDERS["monolithic", "context_adapter"])
+
+    def to(self, *args, **kwargs) -> PyramidFirstFrameGenerator:
+        self.pipe.to(*args, **kwargs)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], height: int, width: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        pipe = self.pipe
+        latents = pipe(prompts, num_frames=1, height=height, width=width, num_inference_steps=self.steps,
+                       guidance_scale=self.guidance_scale, prompt_modifier="", generator=generator,
+                       output_type="latent").frames
+        return pipe.decode_latents(latents)[:, :, 0].clamp(-1, 1)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(name_or_path: str | Path, cache_dir: str | Path | None = None,
+                       revision: str | None = None) -> Path:
+    """A local folder, or a hub id downloaded on explicit request (fails clearly when offline)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"{name_or_path!r} is neither a checkpoint folder nor a hub id like "
+                                "'Qualcomm-AI-Research/Neodragon'.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), cache_dir=cache_dir, revision=revision))
+    except Exception as err:  # network, auth and missing-repo errors all end here
+        raise OSError(f"Could not download {name_or_path!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+                      "Check the network, or download the folder elsewhere and pass its local path.") from err
+
+
+def _load(cls, root: Path, subfolder: str, dtype_kw: dict):
+    if not (root / subfolder).is_dir():
+        raise FileNotFoundError(f"Checkpoint folder {root} has no {subfolder}/ component; it is needed for "
+                                f"{cls.__name__}. Check the path, or re-create the folder with save_pretrained.")
+    try:
+        return cls.from_pretrained(root / subfolder, **dtype_kw)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"Could not load {cls.__name__} from {root / subfolder}: {err}. The config.json and the "
+                         "weights must come from the same model; re-export the component.") from err
+
+
+def _load_first_frame(root: Path, config: PipelineConfig, parts: dict, scheduler: PyramidFlowMatchScheduler,
+                      dtype_kw: dict) -> FirstFrameGenerator:
+    if config.first_frame == "ssd_1b":
+        return SSD1BFirstFrameGenerator.from_pretrained(root, image_height=config.first_frame_height,
+                                                        image_width=config.first_frame_width, **dtype_kw)
+    if config.first_frame != "pyramid_dit":
+        raise ValueError(f"Unknown first_frame {config.first_frame!r} in {root / PIPELINE_CONFIG}; "
+                         "use 'ssd_1b' or 'pyramid_dit'.")
+    pair = {"transformer": _load(PyramidMMDiT, root, SUBFOLDERS["monolithic", "transformer"], dtype_kw),
+            "context_adapter": _load(ContextAdapter, root, SUBFOLDERS["monolithic", "context_adapter"], dtype_kw)}
+    shared = {name: parts[name] for name in ("text_encoder", "vae")}
+    image_pipe = NeodragonPipeline(scheduler=scheduler, mode="monolithic", pipeline_config=config, **shared, **pair)
+    image_pipe.set_progress_bar_config(disable=True)
+    defaults = config.modes["monolithic"]
+    return PyramidFirstFrameGenerator(image_pipe, defaults.num_inference_steps, defaults.guidance_scale)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
+
+
+def _check_prompts(prompt: str | list[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError("Every prompt must be a non-empty string, e.g. 'a red circle moving to the right'.")
+    return prompts
+
+
+def _steps(value: int | list[int] | None, default: list[int], stages: int) -> list[int]:
+    steps = default if value is None else ([value] * stages if isinstance(value, int) else list(value))
+    if len(steps) != stages or any(not isinstance(s, int) or s < 1 for s in steps):
+        raise ValueError(f"Step counts must be {stages} positive integers (one per pyramid stage); got {value}.")
+    return steps
+
+
+def _postprocess(video: torch.Tensor, output_type: str):
+    frames = (video.clamp(-1, 1) * 0.5 + 0.5).permute(0, 2, 1, 3, 4)  # [B, F, 3, H, W] in [0, 1]
+    if output_type == "pt":
+        return frames
+    array = frames.permute(0, 1, 3, 4, 2).cpu().numpy()
+    if output_type == "np":
+        return array
+    uint8 = np.clip(array * 255.0, 0, 255).astype(np.uint8)  # truncation, as the reference converts
+    return [[Image.fromarray(frame) for frame in video_frames] for video_frames in uint8]
+
+
+__all__ = ["NeodragonPipeline", "NeodragonPipelineOutput", "PipelineConfig", "ModeDefaults",
+           "PyramidFirstFrameGenerator", "resolve_checkpoint"]

@@ -1,0 +1,171 @@
+"""Presets: the component configs of ``official`` (the release) and ``nano`` (tiny, trained on ShapesWorld).
+
+``create_random_checkpoint`` writes a complete folder in the official layout with seeded random weights, which
+is how tests and benchmarks exercise the real loading path without the released weights.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .models.context_adapter import ContextAdapter
+from .models.mmdit import PyramidMMDiT
+from .models.sr import QuickSRNet
+from .models.text import tiny_text_bundle
+from .models.vae import AsymmetricCausalVideoVAE
+from .pipelines.neodragon import SUBFOLDERS, ModeDefaults, NeodragonPipeline, PipelineConfig
+from .schedulers import PyramidFlowMatchScheduler
+
+# Words of the nano world's captions (ShapesWorld); the word-level tokenizers are built from them.
+NANO_VOCAB = (
+    "a an the one two of on in to and with is are moving move moves slides sliding goes going drifts towards "
+    "left right up down upward downward staying still stays static growing grows shrinking shrinks spinning "
+    "spins rotating bouncing bounces around small large big tiny huge "
+    "circle square triangle star diamond cross ring heart hexagon "
+    "red green blue yellow orange purple pink white black cyan gray brown "
+    "background above below next beside neon glow stripes striped pixel mosaic outline "
+    "hyper quality ultra hd 8k cinematic realistic textures high detail natural colours"
+).split()
+
+
+@dataclass
+class Preset:
+    """Configs of every component of a checkpoint folder (random-weight builder input)."""
+
+    name: str
+    dit: dict
+    context_adapter: dict
+    vae: dict
+    text: dict
+    pipeline: PipelineConfig
+    super_resolution: dict | None = None
+    ssd_1b: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def nano_preset() -> Preset:
+    """17 frames at 128x128 (2x SR to 256x256): 8-channel latent 3x16x16, a 6-block 128-wide DiT."""
+    return Preset(
+        name="nano",
+        dit=dict(sample_size=16, patch_size=2, in_channels=8, num_layers=6, attention_head_dim=32,
+                 num_attention_heads=4, caption_projection_dim=128, pooled_projection_dim=48,
+                 pos_embed_max_size=16, max_num_frames=32, joint_attention_dim=64),
+        context_adapter=dict(input_dims=64, output_dims=128, layer_depths=[128, 128], skips=[True, True]),
+        vae=dict(encoder_out_channels=8, encoder_layers_per_block=[1, 1, 1, 1],
+                 encoder_block_out_channels=[32, 64, 64, 64], encoder_norm_num_groups=8,
+                 decoder_num_features=[64, 48, 32, 32], sample_size=128),
+        text=dict(vocab_words=NANO_VOCAB, pooled_dims=(16, 32), token_dim=64, hidden_size=32,
+                  max_sequence_length=32, clip_max_length=32),
+        super_resolution=dict(num_channels=32, num_intermediate_layers=2),
+        pipeline=PipelineConfig(
+            height=128, width=128, num_frames=17, fps=8, default_mode="monolithic", first_frame="pyramid_dit",
+            prompt_modifier="", negative_prompt="",
+            modes={"hybrid": ModeDefaults([1, 1, 1], [1, 1, 1], 0.0, 0.0),
+                   "monolithic": ModeDefaults([8, 8, 8], [4, 4, 4], 5.0, 4.0)},
+        ),
+    )
+
+
+def official_preset() -> Preset:
+    """The released configuration (code defaults of the reference); the text stack is not random-buildable."""
+    return Preset(name="official", dit={}, context_adapter={}, vae={}, text={}, pipeline=PipelineConfig(),
+                  super_resolution=dict(num_channels=32, num_intermediate_layers=5))
+
+
+def reduced_official_preset() -> Preset:
+    """The official layout, widths and 16-channel latent at test size (2 blocks, tiny encoders, tiny SSD-1B)."""
+    return Preset(
+        name="official-reduced",
+        dit=dict(sample_size=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                 caption_projection_dim=32, pooled_projection_dim=24, pos_embed_max_size=32, max_num_frames=32,
+                 joint_attention_dim=20),
+        context_adapter=dict(input_dims=20, output_dims=32, layer_depths=[16, 16], skips=[True, True]),
+        vae=dict(encoder_layers_per_block=[1, 1, 1, 1], encoder_block_out_channels=[8, 16, 16, 16],
+                 encoder_norm_num_groups=4, decoder_num_features=[16, 8, 8, 8]),
+        text=dict(vocab_words=NANO_VOCAB, pooled_dims=(8, 16), token_dim=20, hidden_size=16),
+        super_resolution=dict(num_channels=8, num_intermediate_layers=1),
+        ssd_1b=dict(image_size=64),
+        pipeline=PipelineConfig(first_frame_height=64, first_frame_width=64),
+    )
+
+
+def create_random_checkpoint(preset: Preset, root: str | Path, seed: int = 0) -> Path:
+    """Write every component of ``preset`` with seeded random weights in the official folder layout."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tiny_text_bundle(seed=seed, **preset.text).save_pretrained(root)
+        for mode in ("hybrid", "monolithic"):
+            PyramidMMDiT(**preset.dit).save_pretrained(root / SUBFOLDERS[mode, "transformer"])
+            ContextAdapter(**preset.context_adapter).save_pretrained(root / SUBFOLDERS[mode, "context_adapter"])
+        AsymmetricCausalVideoVAE(**preset.vae).save_pretrained(root / SUBFOLDERS["vae"])
+        if preset.super_resolution is not None:
+            QuickSRNet(**preset.super_resolution).save_pretrained(root / SUBFOLDERS["super_resolution"])
+        if preset.ssd_1b is not None:
+            _write_tiny_ssd1b(root, **preset.ssd_1b)
+    PyramidFlowMatchScheduler().save_pretrained(root / "scheduler")
+    preset.pipeline.save(root)
+    return root
+
+
+def _write_tiny_ssd1b(root: Path, image_size: int) -> None:
+    """A tiny SDXL-architecture first-frame model (random weights) in the ``ssd_1b_*`` folders."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models.first_frame import SSD1B_SUBFOLDERS
+    from .models.text import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(NANO_VOCAB, 77, kind="clip")
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    parts = {
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config)),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**text_config)),
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer,
+        "unet": UNet2DConditionModel(
+            sample_size=image_size // 8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            cross_attention_dim=32, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 16, use_linear_projection=True),
+        "vae": AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4,
+                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+    }
+    for name, part in parts.items():
+        part.save_pretrained(root / SSD1B_SUBFOLDERS[name])
+
+
+PRESETS = {"nano": nano_preset, "official-reduced": reduced_official_preset}
+
+
+def bundled_weights(name: str = "nano") -> Path | None:
+    """The checkpoint folder shipped inside the package, if its weights have been trained and bundled."""
+    folder = Path(str(resources.files("neodragon"))) / "weights" / name
+    return folder if (folder / SUBFOLDERS["vae"]).is_dir() else None
+
+
+def load_pipeline(model: str = "nano", mode: str | None = None, torch_dtype: torch.dtype | None = None,
+                  cache_dir: str | Path | None = None, **kwargs) -> NeodragonPipeline:
+    """``nano`` (bundled weights, else a seeded random-weight build with a warning), a folder or a hub id."""
+    if model in PRESETS:
+        folder = bundled_weights(model)
+        if folder is None:
+            warnings.warn(f"No trained weights are bundled for the '{model}' preset yet: using freshly initialised "
+                          "(random) weights, so the video is noise-like. Pass a trained checkpoint folder to get "
+                          "real videos.", stacklevel=2)
+            with tempfile.TemporaryDirectory() as tmp:  # tiny; everything is in memory once loaded
+                folder = create_random_checkpoint(PRESETS[model](), tmp)
+                return NeodragonPipeline.from_pretrained(folder, mode=mode, torch_dtype=torch_dtype, **kwargs)
+        return NeodragonPipeline.from_pretrained(folder, mode=mode, torch_dtype=torch_dtype, **kwargs)
+    return NeodragonPipeline.from_pretrained(model, mode=mode, torch_dtype=torch_dtype, cache_dir=cache_dir, **kwargs)
