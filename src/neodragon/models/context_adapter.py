@@ -55,7 +55,7 @@ class ContextAdapter(ModelMixin, ConfigMixin):
 
         layers: list[nn.Module] = []
         in_dim = input_dims
-        for depth, skip in zip(layer_depths, self.skips):
+        for depth, skip in zip(layer_depths, self.skips, strict=True):
             layers.append(
                 nn.Sequential(
                     _activation(activation_fn) if pre_activation else nn.Identity(),
@@ -77,7 +77,7 @@ class ContextAdapter(ModelMixin, ConfigMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.network_layers[0](x)
-        for skip, layer in zip(self.skips, self.network_layers[1:]):
+        for skip, layer in zip(self.skips, self.network_layers[1:], strict=True):
             if skip:
                 y = torch.cat([x, y], dim=-1)
             y = layer(y)
@@ -98,7 +98,7 @@ def context_adapter_num_parameters(
     """Parameter count of a ContextAdapter with this config, without building it (accepts a config dict)."""
     total = 0
     in_dim = input_dims
-    for depth, skip in zip(layer_depths, skips):
+    for depth, skip in zip(layer_depths, skips, strict=True):
         total += in_dim * depth + (depth if use_biases else 0)
         in_dim = depth + input_dims if skip else depth
     return total + in_dim * output_dims + (output_dims if use_biases else 0)

@@ -188,9 +188,11 @@ class NeodragonPipeline(DiffusionPipeline):
         return self.transformer.dtype
 
     def to(self, *args, **kwargs) -> NeodragonPipeline:
-        super().to(*args, **kwargs)
-        if self.first_frame_generator is not None and hasattr(self.first_frame_generator, "to"):
-            self.first_frame_generator.to(*args, **kwargs)
+        """Move/cast every component, like ``nn.Module.to`` (device and/or dtype, positional or keyword)."""
+        for module in (self.text_encoder, self.context_adapter, self.transformer, self.vae, self.super_resolution,
+                       self.first_frame_generator):
+            if module is not None:
+                module.to(*args, **kwargs)
         return self
 
     # -- generation -------------------------------------------------------------------------------------
@@ -248,15 +250,18 @@ class NeodragonPipeline(DiffusionPipeline):
         generated = [self._first_frame_latent(prompts, height, width, generator)] if start_unit else []
         stage0_noise = self.prepare_noise(len(prompts), latent_frames, height, width, generator)
         calls = sum(sum(steps[min(unit, 1)]) for unit in range(start_unit, latent_frames))
+        pyramids = [self.scheduler.latent_pyramid(frame) for frame in generated]  # each frame resized once
         with self.progress_bar(total=calls) as progress:
             for unit in range(start_unit, latent_frames):
                 first = unit == 0
                 scale = guidance[0 if first else 1]
                 unit_cond = uncond.cat(cond) if scale > 1.0 else cond
-                latents = stage0_noise[:, :, unit : unit + 1]
-                generated.append(self.sample_unit(
-                    latents, self.scheduler.build_history(generated) if generated else None, unit_cond,
-                    steps[0 if first else 1], scale, generator, unit, progress, callback_on_step_end))
+                history = self.scheduler.history_from_pyramids(pyramids) if pyramids else None
+                latents = self.sample_unit(stage0_noise[:, :, unit : unit + 1], history, unit_cond,
+                                           steps[0 if first else 1], scale, generator, unit, progress,
+                                           callback_on_step_end)
+                generated.append(latents)
+                pyramids.append(self.scheduler.latent_pyramid(latents))
         latents = torch.cat(generated, dim=2)
         if output_type == "latent":
             return NeodragonPipelineOutput(frames=latents) if return_dict else (latents,)

@@ -1,0 +1,3 @@
+from .pyramid_flow import PyramidFlowMatchScheduler
+
+__all__ = ["PyramidFlowMatchScheduler"]
