@@ -226,7 +226,8 @@ class NeodragonPipeline(DiffusionPipeline):
         cfg = self.pipeline_config
         defaults = cfg.modes[self.mode]
         prompts = _check_prompts(prompt)
-        num_frames, height, width = num_frames or cfg.num_frames, height or cfg.height, width or cfg.width
+        num_frames = cfg.num_frames if num_frames is None else num_frames
+        height, width = cfg.height if height is None else height, cfg.width if width is None else width
         self._check_geometry(num_frames, height, width)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'latent'; got {output_type!r}.")
@@ -401,8 +402,9 @@ def _load(cls, root: Path, subfolder: str, dtype_kw: dict):
     try:
         return cls.from_pretrained(root / subfolder, **dtype_kw)
     except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"Could not load {cls.__name__} from {root / subfolder}: {err}. The config.json and the "
-                         "weights must come from the same model; re-export the component.") from err
+        raise ValueError(f"Could not load {cls.__name__} from {root / subfolder}: {err}. Check that config.json "
+                         "and the weights belong to the same model and that the weight file is complete "
+                         "(re-download or re-export the component).") from err
 
 
 def _load_first_frame(root: Path, config: PipelineConfig, parts: dict, scheduler: PyramidFlowMatchScheduler,
