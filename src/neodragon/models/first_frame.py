@@ -60,16 +60,15 @@ class SSD1BFirstFrameGenerator:
         if missing:
             raise FileNotFoundError(f"Hybrid mode needs the SSD-1B first-frame model, but {root} lacks {missing}. "
                                     "Use mode='monolithic' or a checkpoint folder with the ssd_1b_* sub-folders.")
-        loaders = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": CLIPTextModel,
-                   "text_encoder_2": CLIPTextModelWithProjection}
-        parts = {name: loader.from_pretrained(root / SSD1B_SUBFOLDERS[name]) for name, loader in loaders.items()}
+        parts = {name: loader.from_pretrained(root / SSD1B_SUBFOLDERS[name], torch_dtype=torch_dtype)
+                 for name, loader in (("vae", AutoencoderKL), ("unet", UNet2DConditionModel))}
+        for name, loader in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            parts[name] = loader.from_pretrained(root / SSD1B_SUBFOLDERS[name], dtype=torch_dtype)
         for name in ("tokenizer", "tokenizer_2"):
             parts[name] = AutoTokenizer.from_pretrained(root / SSD1B_SUBFOLDERS[name])
         scheduler = LCMScheduler(set_alpha_to_one=False, original_inference_steps=4, steps_offset=1)
         pipe = StableDiffusionXLPipeline(scheduler=scheduler, force_zeros_for_empty_prompt=True,
                                          add_watermarker=False, **parts)
-        if torch_dtype is not None:
-            pipe.to(dtype=torch_dtype)
         return cls(pipe, **kwargs)
 
     def save_pretrained(self, root: str | Path) -> None:

@@ -114,6 +114,29 @@ class _Conditioning:
             (self.context, self.mask, self.pooled), (other.context, other.mask, other.pooled), strict=True)))
 
 
+@dataclass
+class _Plan:
+    """What one call generates; unit 0 (the first latent frame) has its own steps and guidance."""
+
+    prompts: list[str]
+    height: int
+    width: int
+    latent_frames: int
+    first_unit: int
+    stage_steps: tuple[list[int], list[int]]
+    scales: tuple[float, float]
+
+    @property
+    def units(self) -> range:
+        return range(self.first_unit, self.latent_frames)
+
+    def steps(self, unit: int) -> list[int]:
+        return self.stage_steps[min(unit, 1)]
+
+    def guidance(self, unit: int) -> float:
+        return self.scales[min(unit, 1)]
+
+
 class NeodragonPipeline(DiffusionPipeline):
     """Text-to-video with a pyramidal-flow MMDiT; see the module docstring for the two modes."""
 
@@ -223,44 +246,31 @@ class NeodragonPipeline(DiffusionPipeline):
         wherever the applicable guidance scale is > 1. ``callback_on_step_end(pipe, step, timestep, state)``
         gets ``state = {"latents", "unit", "stage"}`` and may return ``{"latents": ...}`` to replace them.
         """
-        cfg = self.pipeline_config
-        defaults = cfg.modes[self.mode]
-        prompts = _check_prompts(prompt)
-        num_frames = cfg.num_frames if num_frames is None else num_frames
-        height, width = cfg.height if height is None else height, cfg.width if width is None else width
-        self._check_geometry(num_frames, height, width)
+        plan = self._plan(prompt, num_frames, height, width, num_inference_steps, video_num_inference_steps,
+                          guidance_scale, video_guidance_scale, prompt_modifier)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'latent'; got {output_type!r}.")
         if super_resolution and self.super_resolution is None:
             raise ValueError("This checkpoint has no super_resolution/ component; generate without SR.")
-        stages = self.scheduler.config.stages
-        steps = [_steps(num_inference_steps, defaults.num_inference_steps, stages),
-                 _steps(video_num_inference_steps, defaults.video_num_inference_steps, stages)]
-        guidance = [defaults.guidance_scale if guidance_scale is None else guidance_scale,
-                    defaults.video_guidance_scale if video_guidance_scale is None else video_guidance_scale]
-        modifier = cfg.prompt_modifier if prompt_modifier is None else prompt_modifier
-        prompts = [p + modifier for p in prompts]
 
-        cond = self.encode_prompt(prompts)
-        start_unit = 1 if self.mode == "hybrid" else 0
-        latent_frames = (num_frames - 1) // self.vae.config.temporal_downsample_scale + 1
-        uses_cfg = (start_unit == 0 and guidance[0] > 1.0) or (latent_frames > 1 and guidance[1] > 1.0)
-        uncond = self.encode_prompt([cfg.negative_prompt if negative_prompt is None else negative_prompt]
-                                    * len(prompts)) if uses_cfg else None
+        cond = self.encode_prompt(plan.prompts)
+        uncond = None
+        if any(plan.guidance(unit) > 1.0 for unit in plan.units):
+            negative = self.pipeline_config.negative_prompt if negative_prompt is None else negative_prompt
+            uncond = self.encode_prompt([negative] * len(plan.prompts))
 
-        generated = [self._first_frame_latent(prompts, height, width, generator)] if start_unit else []
-        stage0_noise = self.prepare_noise(len(prompts), latent_frames, height, width, generator)
-        calls = sum(sum(steps[min(unit, 1)]) for unit in range(start_unit, latent_frames))
+        generated = []
+        if self.mode == "hybrid":
+            generated.append(self._first_frame_latent(plan.prompts, plan.height, plan.width, generator))
+        stage0_noise = self.prepare_noise(len(plan.prompts), plan.latent_frames, plan.height, plan.width, generator)
         pyramids = [self.scheduler.latent_pyramid(frame) for frame in generated]  # each frame resized once
-        with self.progress_bar(total=calls) as progress:
-            for unit in range(start_unit, latent_frames):
-                first = unit == 0
-                scale = guidance[0 if first else 1]
-                unit_cond = uncond.cat(cond) if scale > 1.0 else cond
+        with self.progress_bar(total=sum(sum(plan.steps(unit)) for unit in plan.units)) as progress:
+            for unit in plan.units:
+                scale = plan.guidance(unit)
                 history = self.scheduler.history_from_pyramids(pyramids) if pyramids else None
-                latents = self.sample_unit(stage0_noise[:, :, unit : unit + 1], history, unit_cond,
-                                           steps[0 if first else 1], scale, generator, unit, progress,
-                                           callback_on_step_end)
+                latents = self.sample_unit(stage0_noise[:, :, unit : unit + 1], history,
+                                           uncond.cat(cond) if scale > 1.0 else cond, plan.steps(unit), scale,
+                                           generator, unit, progress, callback_on_step_end)
                 generated.append(latents)
                 pyramids.append(self.scheduler.latent_pyramid(latents))
         latents = torch.cat(generated, dim=2)
@@ -271,6 +281,25 @@ class NeodragonPipeline(DiffusionPipeline):
             video = self.super_resolution(video)
         frames = _postprocess(video, output_type)
         return NeodragonPipelineOutput(frames=frames) if return_dict else (frames,)
+
+    def _plan(self, prompt, num_frames, height, width, steps, video_steps, guidance, video_guidance,
+              prompt_modifier) -> _Plan:
+        """Validate the call and fill every unset value from the mode's defaults."""
+        cfg, defaults = self.pipeline_config, self.pipeline_config.modes[self.mode]
+        num_frames = cfg.num_frames if num_frames is None else num_frames
+        height, width = cfg.height if height is None else height, cfg.width if width is None else width
+        self._check_geometry(num_frames, height, width)
+        stages = self.scheduler.config.stages
+        modifier = cfg.prompt_modifier if prompt_modifier is None else prompt_modifier
+        return _Plan(
+            prompts=[p + modifier for p in _check_prompts(prompt)], height=height, width=width,
+            latent_frames=(num_frames - 1) // self.vae.config.temporal_downsample_scale + 1,
+            first_unit=1 if self.mode == "hybrid" else 0,
+            stage_steps=(_steps(steps, defaults.num_inference_steps, stages),
+                         _steps(video_steps, defaults.video_num_inference_steps, stages)),
+            scales=(defaults.guidance_scale if guidance is None else guidance,
+                    defaults.video_guidance_scale if video_guidance is None else video_guidance),
+        )
 
     def encode_prompt(self, prompts: list[str]) -> _Conditioning:
         """Text bundle (tokens, mask, pooled) then the ContextAdapter on the token stream."""
