@@ -243,13 +243,11 @@ class PyramidMMDiT(ModelMixin, ConfigMixin):
 
     def _frame_positions(self, clips: Clips) -> torch.Tensor:
         """Running temporal index of every image token: history frames 0..u-1, current frame u."""
-        p = self.config.patch_size
-        frames = sum(clip.shape[2] for clip in clips)
-        tokens_per_frame = torch.tensor(
-            [clip.shape[-2] * clip.shape[-1] // p**2 for clip in clips for _ in range(clip.shape[2])],
-            device=clips[-1].device,
-        )
-        return torch.arange(frames, device=clips[-1].device).repeat_interleave(tokens_per_frame)
+        p, device = self.config.patch_size, clips[-1].device
+        frames_per_clip = torch.tensor([clip.shape[2] for clip in clips], device=device)
+        tokens_per_clip_frame = torch.tensor([clip.shape[-2] * clip.shape[-1] // p**2 for clip in clips], device=device)
+        tokens_per_frame = tokens_per_clip_frame.repeat_interleave(frames_per_clip)
+        return torch.arange(len(tokens_per_frame), device=device).repeat_interleave(tokens_per_frame)
 
     def _attention_mask(self, text_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Padding AND temporal-causal mask ``[B, 1, L, L]``, built once per forward.
