@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -16,8 +16,9 @@ import torch
 
 from .models.context_adapter import ContextAdapter
 from .models.mmdit import PyramidMMDiT
+from .models.sentence import SentenceTextEncoder
 from .models.sr import QuickSRNet
-from .models.text import tiny_text_bundle
+from .models.text import TextEncoderBundle, tiny_text_bundle
 from .models.vae import AsymmetricCausalVideoVAE
 from .pipelines.neodragon import SUBFOLDERS, ModeDefaults, NeodragonPipeline, PipelineConfig
 from .schedulers import PyramidFlowMatchScheduler
@@ -40,13 +41,13 @@ class Preset:
 
     name: str
     dit: dict
-    context_adapter: dict
+    context_adapter: dict | None  # None: the DiT reads the text tokens through its own context_embedder
     vae: dict
-    text: dict
+    text: dict  # tiny_text_bundle arguments, or {"sentence_encoder": name, "max_sequence_length": n}
     pipeline: PipelineConfig
     super_resolution: dict | None = None
     ssd_1b: dict | None = None
-    extra: dict = field(default_factory=dict)
+    modes: tuple[str, ...] = ("hybrid", "monolithic")
 
 
 def nano_preset() -> Preset:
@@ -69,6 +70,23 @@ def nano_preset() -> Preset:
             modes={"hybrid": ModeDefaults([1, 1, 1], [1, 1, 1], 0.0, 0.0),
                    "monolithic": ModeDefaults([8, 8, 8], [4, 4, 4], 5.0, 4.0)},
         ),
+    )
+
+
+def nano_teacher_preset() -> Preset:
+    """The nano world's "Pyramid-Flow": frozen MiniLM text stack (384-d tokens through a context_embedder,
+    mean-pooled sentence vector), a native causal VAE decoder, and a multi-step DiT sampled with CFG."""
+    student = nano_preset()
+    return Preset(
+        name="nano-teacher",
+        dit={**student.dit, "use_context_embedder": True, "joint_attention_dim": 384, "pooled_projection_dim": 384},
+        context_adapter=None,
+        vae={**student.vae, "decoder_type": "causal", "decoder_block_out_channels": [32, 64, 64, 64],
+             "decoder_layers_per_block": [1, 1, 1, 1], "decoder_norm_num_groups": 8},
+        text={"sentence_encoder": "all-MiniLM-L6-v2", "max_sequence_length": 32},
+        super_resolution=student.super_resolution,
+        pipeline=student.pipeline,
+        modes=("monolithic",),
     )
 
 
@@ -101,10 +119,11 @@ def create_random_checkpoint(preset: Preset, root: str | Path, seed: int = 0) ->
     root.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tiny_text_bundle(seed=seed, **preset.text).save_pretrained(root)
-        for mode in ("hybrid", "monolithic"):
+        _build_text_stack(preset, seed).save_pretrained(root)
+        for mode in preset.modes:
             PyramidMMDiT(**preset.dit).save_pretrained(root / SUBFOLDERS[mode, "transformer"])
-            ContextAdapter(**preset.context_adapter).save_pretrained(root / SUBFOLDERS[mode, "context_adapter"])
+            if preset.context_adapter is not None:
+                ContextAdapter(**preset.context_adapter).save_pretrained(root / SUBFOLDERS[mode, "context_adapter"])
         AsymmetricCausalVideoVAE(**preset.vae).save_pretrained(root / SUBFOLDERS["vae"])
         if preset.super_resolution is not None:
             QuickSRNet(**preset.super_resolution).save_pretrained(root / SUBFOLDERS["super_resolution"])
@@ -113,6 +132,12 @@ def create_random_checkpoint(preset: Preset, root: str | Path, seed: int = 0) ->
     PyramidFlowMatchScheduler().save_pretrained(root / "scheduler")
     preset.pipeline.save(root)
     return root
+
+
+def _build_text_stack(preset: Preset, seed: int) -> TextEncoderBundle | SentenceTextEncoder:
+    if "sentence_encoder" in preset.text:
+        return SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
+    return tiny_text_bundle(seed=seed, **preset.text)
 
 
 def _write_tiny_ssd1b(root: Path, image_size: int) -> None:
@@ -146,7 +171,7 @@ def _write_tiny_ssd1b(root: Path, image_size: int) -> None:
         part.save_pretrained(root / SSD1B_SUBFOLDERS[name])
 
 
-PRESETS = {"nano": nano_preset, "official-reduced": reduced_official_preset}
+PRESETS = {"nano": nano_preset, "nano-teacher": nano_teacher_preset, "official-reduced": reduced_official_preset}
 
 
 def bundled_weights(name: str = "nano") -> Path | None:

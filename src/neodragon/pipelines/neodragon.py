@@ -21,6 +21,7 @@ from PIL import Image
 from ..models.context_adapter import ContextAdapter
 from ..models.first_frame import FirstFrameGenerator, SSD1BFirstFrameGenerator
 from ..models.mmdit import PyramidMMDiT
+from ..models.sentence import SentenceTextEncoder, is_sentence_encoder_folder
 from ..models.sr import QuickSRNet
 from ..models.text import TextEncoderBundle, TextEncoding
 from ..models.vae import AsymmetricCausalVideoVAE
@@ -142,7 +143,8 @@ class NeodragonPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->context_adapter->transformer->vae->super_resolution"
 
-    def __init__(self, text_encoder: TextEncoderBundle, context_adapter: ContextAdapter, transformer: PyramidMMDiT,
+    def __init__(self, text_encoder: TextEncoderBundle | SentenceTextEncoder, context_adapter: ContextAdapter | None,
+                 transformer: PyramidMMDiT,
                  vae: AsymmetricCausalVideoVAE, scheduler: PyramidFlowMatchScheduler, mode: str = "hybrid",
                  first_frame_generator: FirstFrameGenerator | None = None, super_resolution: QuickSRNet | None = None,
                  pipeline_config: PipelineConfig | None = None):
@@ -170,10 +172,10 @@ class NeodragonPipeline(DiffusionPipeline):
         mode = mode or config.default_mode
         _check_mode(mode)
         dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        text_stack = SentenceTextEncoder if is_sentence_encoder_folder(root) else TextEncoderBundle
         parts = {
-            "text_encoder": TextEncoderBundle.from_pretrained(root, **dtype_kw),
-            "transformer": _load(PyramidMMDiT, root, SUBFOLDERS[mode, "transformer"], dtype_kw),
-            "context_adapter": _load(ContextAdapter, root, SUBFOLDERS[mode, "context_adapter"], dtype_kw),
+            "text_encoder": text_stack.from_pretrained(root, **dtype_kw),
+            **_load_dit_pair(root, mode, dtype_kw),
             "vae": _load(AsymmetricCausalVideoVAE, root, SUBFOLDERS["vae"], dtype_kw),
         }
         sr_dir = root / SUBFOLDERS["super_resolution"]
@@ -193,7 +195,8 @@ class NeodragonPipeline(DiffusionPipeline):
         root.mkdir(parents=True, exist_ok=True)
         self.text_encoder.save_pretrained(root)
         self.transformer.save_pretrained(root / SUBFOLDERS[self.mode, "transformer"])
-        self.context_adapter.save_pretrained(root / SUBFOLDERS[self.mode, "context_adapter"])
+        if self.context_adapter is not None:
+            self.context_adapter.save_pretrained(root / SUBFOLDERS[self.mode, "context_adapter"])
         self.vae.save_pretrained(root / SUBFOLDERS["vae"])
         self.scheduler.save_pretrained(root / "scheduler")
         if self.super_resolution is not None:
@@ -302,11 +305,13 @@ class NeodragonPipeline(DiffusionPipeline):
         )
 
     def encode_prompt(self, prompts: list[str]) -> _Conditioning:
-        """Text bundle (tokens, mask, pooled) then the ContextAdapter on the token stream."""
+        """Text stack (tokens, mask, pooled), then the ContextAdapter on the token stream when there is one (a
+        DiT with a ``context_embedder`` takes the raw tokens)."""
         encoding: TextEncoding = self.text_encoder.encode(prompts)
-        dtype = self.transformer.dtype
-        context = self.context_adapter(encoding.tokens.to(self.device, self.context_adapter.dtype)).to(dtype)
-        return _Conditioning(context, encoding.mask.to(self.device), encoding.pooled.to(self.device, dtype))
+        dtype, context = self.transformer.dtype, encoding.tokens.to(self.device)
+        if self.context_adapter is not None:
+            context = self.context_adapter(context.to(self.context_adapter.dtype))
+        return _Conditioning(context.to(dtype), encoding.mask.to(self.device), encoding.pooled.to(self.device, dtype))
 
     def prepare_noise(self, batch: int, latent_frames: int, height: int, width: int,
                       generator: torch.Generator | None) -> torch.Tensor:
@@ -387,7 +392,8 @@ class PyramidFirstFrameGenerator:
 
     def save_pretrained(self, root: str | Path) -> None:
         self.pipe.transformer.save_pretrained(Path(root) / SUBFOLDERS["monolithic", "transformer"])
-        self.pipe.context_adapter.save_pretrained(Path(root) / SUBFOLDERS["monolithic", "context_adapter"])
+        if self.pipe.context_adapter is not None:
+            self.pipe.context_adapter.save_pretrained(Path(root) / SUBFOLDERS["monolithic", "context_adapter"])
 
     def to(self, *args, **kwargs) -> PyramidFirstFrameGenerator:
         self.pipe.to(*args, **kwargs)
@@ -436,6 +442,19 @@ def _load(cls, root: Path, subfolder: str, dtype_kw: dict):
                          "(re-download or re-export the component).") from err
 
 
+def _load_dit_pair(root: Path, mode: str, dtype_kw: dict) -> dict:
+    """The DiT and ContextAdapter of one mode; the adapter may be absent when the DiT has a context_embedder."""
+    if not (root / SUBFOLDERS[mode, "transformer"]).is_dir():
+        other = next(m for m in MODES if m != mode)
+        raise FileNotFoundError(f"{root} has no {mode}-mode DiT ({SUBFOLDERS[mode, 'transformer']}/); "
+                                f"use mode='{other}' (--mode {other}) or a checkpoint with that component.")
+    transformer = _load(PyramidMMDiT, root, SUBFOLDERS[mode, "transformer"], dtype_kw)
+    adapter_dir = SUBFOLDERS[mode, "context_adapter"]
+    if not (root / adapter_dir).is_dir() and transformer.context_embedder is not None:
+        return {"transformer": transformer, "context_adapter": None}
+    return {"transformer": transformer, "context_adapter": _load(ContextAdapter, root, adapter_dir, dtype_kw)}
+
+
 def _load_first_frame(root: Path, config: PipelineConfig, parts: dict, scheduler: PyramidFlowMatchScheduler,
                       dtype_kw: dict) -> FirstFrameGenerator:
     if config.first_frame == "ssd_1b":
@@ -444,8 +463,7 @@ def _load_first_frame(root: Path, config: PipelineConfig, parts: dict, scheduler
     if config.first_frame != "pyramid_dit":
         raise ValueError(f"Unknown first_frame {config.first_frame!r} in {root / PIPELINE_CONFIG}; "
                          "use 'ssd_1b' or 'pyramid_dit'.")
-    pair = {"transformer": _load(PyramidMMDiT, root, SUBFOLDERS["monolithic", "transformer"], dtype_kw),
-            "context_adapter": _load(ContextAdapter, root, SUBFOLDERS["monolithic", "context_adapter"], dtype_kw)}
+    pair = _load_dit_pair(root, "monolithic", dtype_kw)
     shared = {name: parts[name] for name in ("text_encoder", "vae")}
     image_pipe = NeodragonPipeline(scheduler=scheduler, mode="monolithic", pipeline_config=config, **shared, **pair)
     image_pipe.set_progress_bar_config(disable=True)

@@ -9,6 +9,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+# Files that mark a component folder, with the class to report when the file does not name one.
+CONFIG_FILES = {"config.json": None, "scheduler_config.json": None, "tokenizer_config.json": None,
+                "sentence_encoder.json": "SentenceTextEncoder"}
+
 
 @dataclass
 class ComponentInfo:
@@ -40,13 +44,12 @@ def describe_checkpoint(root: str | Path) -> list[ComponentInfo]:
         raise FileNotFoundError(f"{root} is not a checkpoint folder.")
     components = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        config_file = next((folder / n for n in ("config.json", "scheduler_config.json", "tokenizer_config.json")
-                            if (folder / n).is_file()), None)
+        config_file = next((folder / n for n in CONFIG_FILES if (folder / n).is_file()), None)
         if config_file is None:
             continue
         config = json.loads(config_file.read_text())
-        class_name = config.get("_class_name") or (config.get("architectures") or [None])[0] \
-            or config.get("tokenizer_class") or "?"
+        class_name = (config.get("_class_name") or (config.get("architectures") or [None])[0]
+                      or config.get("tokenizer_class") or CONFIG_FILES[config_file.name] or "?")
         elements, dtypes = 0, set()
         for weights in folder.glob("*.safetensors"):
             count, kinds = _read_header(weights)
