@@ -1,0 +1,1 @@
+"""Training and compression recipes: the nano teacher, and Neodragon's four compression recipes."""

@@ -1,0 +1,70 @@
+"""Pyramidal flow matching for the nano teacher DiT (Pyramid-Flow's objective at nano scale).
+
+Every step draws one autoregressive unit u and one pyramid stage s for the whole batch (so every sample has the
+same clip layout); the history is the clean latent frames before u, laid out as the sampler's history pyramid
+and corrupted with noise of sigma ~ U(0, 1/3); the current frame is the stage-s interpolant at a uniform
+timestep index, and the DiT regresses the rectified-flow velocity start - end. 10% of captions are dropped to
+the empty prompt so that the model can be sampled with classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.mmdit import PyramidMMDiT
+from ..schedulers import PyramidFlowMatchScheduler
+
+
+@dataclass
+class TeacherRecipe:
+    """Settings of the pyramidal flow-matching objective."""
+
+    text_dropout: float = 0.1
+    history_corruption: float = 1 / 3
+
+
+def normalize_latents(latents: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
+    """Frame 0 with the image constants, later frames with the video constants: ``(z - shift) * scale``."""
+    first = (latents[:, :, :1] - stats["image_latent_shift"]) * stats["image_latent_scale"]
+    rest = (latents[:, :, 1:] - stats["video_latent_shift"]) * stats["video_latent_scale"]
+    return torch.cat([first, rest], dim=2)
+
+
+def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by the empty (unconditional) prompt with ``probability``."""
+    keep = torch.rand(len(captions), generator=generator) >= probability
+    return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """A generator that depends only on (seed, step, rank), so resumed runs draw the same numbers."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+def sample_unit_and_stage(num_latent_frames: int, num_stages: int, seed: int, step: int) -> tuple[int, int]:
+    """The (unit, stage) of a step, identical on every process so that all ranks build the same layout."""
+    generator = step_generator(seed, step, rank=-1)
+    unit = int(torch.randint(num_latent_frames, (1,), generator=generator))
+    return unit, int(torch.randint(num_stages, (1,), generator=generator))
+
+
+def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, latents: torch.Tensor,
+                       context: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor, unit: int, stage: int,
+                       generator: torch.Generator, recipe: TeacherRecipe) -> dict[str, torch.Tensor]:
+    """Loss at (unit, stage) for a batch of normalised clean latents ``[B, C, T, H, W]`` (whole videos)."""
+    batch = latents.shape[0]
+    history = []
+    if unit > 0:
+        clean = scheduler.build_history([latents[:, :, i : i + 1] for i in range(unit)])[stage]
+        history = scheduler.corrupt_history(clean, generator=generator, max_sigma=recipe.history_corruption)
+        history = [clip.to(latents.device, latents.dtype) for clip in history]
+    current = latents[:, :, unit : unit + 1]
+    noise = torch.randn(current.shape, generator=generator).to(current)
+    index = torch.randint(scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    noisy, target, timestep = scheduler.training_target(current, noise, stage, index)
+    prediction = dit([history + [noisy]], context, mask, pooled, timestep.to(latents.device))[0]
+    loss = F.mse_loss(prediction.float(), target.float())
+    return {"loss": loss, "unit": torch.tensor(float(unit)), "stage": torch.tensor(float(stage))}

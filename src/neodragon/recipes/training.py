@@ -1,0 +1,158 @@
+"""A short Accelerate training loop shared by the recipes: seeded, logged, resumable, multi-process.
+
+Data is a pure function of (global step, rank), so a resumed run sees exactly the batches it would have seen,
+and the same code runs as one CPU process here or as DDP/FSDP processes under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+CHECKPOINTS = "checkpoints"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings common to every recipe."""
+
+    output_dir: str
+    max_steps: int = 1000
+    batch_size: int = 4  # per process
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    save_every: int = 250
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    seed: int = 0
+    mixed_precision: str = "no"
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to 10% of the peak rate."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class Trainer:
+    """Runs ``loss_fn(batch_fn(step, rank, world))`` for ``max_steps``, saving resumable state periodically.
+
+    ``loss_fn`` returns a dict of scalar tensors whose ``"loss"`` entry is optimised; the others are logged.
+    """
+
+    def __init__(self, config: TrainConfig, modules: dict[str, torch.nn.Module],
+                 batch_fn: Callable[[int, int, int], dict], loss_fn: Callable[[dict], dict[str, torch.Tensor]],
+                 accelerator: Accelerator | None = None):
+        self.config = config
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        set_seed(config.seed, device_specific=True)
+        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("Nothing to train: every parameter is frozen.")
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+        prepared = self.accelerator.prepare(*modules.values(), optimizer, scheduler)
+        self.modules = dict(zip(modules, prepared[: len(modules)], strict=True))
+        self.optimizer, self.scheduler = prepared[len(modules)], prepared[len(modules) + 1]
+        self.params = params
+        self.batch_fn, self.loss_fn = batch_fn, loss_fn
+        self.output_dir = Path(config.output_dir)
+        self.step = 0
+
+    def unwrap(self, name: str) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.modules[name])
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+
+    def _checkpoints(self) -> list[Path]:
+        folder = self.output_dir / CHECKPOINTS
+        return sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if folder.is_dir() else []
+
+    def resume(self) -> int:
+        """Load the newest checkpoint, if any; returns the step to continue from."""
+        checkpoints = self._checkpoints()
+        if checkpoints:
+            self.accelerator.load_state(str(checkpoints[-1]))
+            self.step = int(checkpoints[-1].name.split("_")[1])
+        return self.step
+
+    def save(self) -> None:
+        """Save the full training state (models, optimizer, scheduler, RNGs); keep the newest few."""
+        target = self.output_dir / CHECKPOINTS / f"step_{self.step}"
+        self.accelerator.save_state(str(target))
+        if self.accelerator.is_main_process:
+            (self.output_dir / "train_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+            for old in self._checkpoints()[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    # -- loop -------------------------------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / LOG_FILE, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def fit(self, on_log: Callable[[Trainer, dict], None] | None = None) -> dict:
+        """Train until ``max_steps``; returns the last logged record."""
+        cfg, acc = self.config, self.accelerator
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for module in self.modules.values():
+            module.train()
+        record: dict = {}
+        started = time.perf_counter()
+        progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_local_main_process,
+                        desc="train")
+        while self.step < cfg.max_steps:
+            losses = self.loss_fn(self.batch_fn(self.step, acc.process_index, acc.num_processes))
+            acc.backward(losses["loss"])
+            if cfg.grad_clip > 0:
+                acc.clip_grad_norm_(self.params, cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            progress.update()
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                values = {k: acc.gather(v.detach().reshape(1)).mean().item() for k, v in losses.items()}
+                record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                          "elapsed_s": round(time.perf_counter() - started, 2), **values}
+                self._log(record)
+                progress.set_postfix(loss=f"{values['loss']:.4f}")
+                if on_log is not None:
+                    on_log(self, record)
+            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save()
+        progress.close()
+        return record
+
+
+def read_log(output_dir: str | Path) -> list[dict]:
+    """The logged records of a run, oldest first."""
+    path = Path(output_dir) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def cycle_indices(step: int, rank: int, world: int, batch_size: int) -> Iterable[int]:
+    """Dataset indices of one process's batch at a global step (disjoint across ranks and steps)."""
+    start = (step * world + rank) * batch_size
+    return range(start, start + batch_size)

@@ -1,0 +1,81 @@
+"""Training the nano teacher's causal video VAE on ShapesWorld: reconstruction + edges + a small KL term.
+
+The edge term (L1 between spatial and temporal finite differences) is the perceptual term: it needs no
+pretrained network, so it works offline, and it keeps thin outlines and motion sharp where plain L1 blurs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models.vae import AsymmetricCausalVideoVAE
+
+LATENT_STATS = "latent_stats.json"
+
+
+@dataclass
+class VAELossWeights:
+    """Weights of the VAE objective."""
+
+    edges: float = 0.5
+    kl: float = 1e-5
+
+
+def finite_differences(video: torch.Tensor) -> list[torch.Tensor]:
+    """Differences along H, W and T of ``[B, C, T, H, W]``."""
+    return [video.diff(dim=dim) for dim in (-2, -1, 2) if video.shape[dim] > 1]
+
+
+def vae_losses(vae: AsymmetricCausalVideoVAE, video: torch.Tensor, weights: VAELossWeights) -> dict[str, torch.Tensor]:
+    """Reconstruct ``video`` through a posterior sample and score it."""
+    posterior = vae.encode(video).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    l1 = (recon - video).abs().mean()
+    edges = sum((a - b).abs().mean() for a, b in zip(finite_differences(recon), finite_differences(video),
+                                                      strict=True))
+    # Per-element KL to N(0, I); diffusers' .kl() sums over image axes only, which does not fit 5-D latents.
+    kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
+    loss = l1 + weights.edges * edges + weights.kl * kl
+    return {"loss": loss, "l1": l1.detach(), "edges": edges.detach(), "kl": kl.detach()}
+
+
+def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    """Per-video PSNR in dB for videos in [-1, 1] (peak-to-peak 2)."""
+    mse = (reference.clamp(-1, 1) - estimate.clamp(-1, 1)).square().flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
+
+
+@torch.no_grad()
+def latent_statistics(vae: AsymmetricCausalVideoVAE, videos: torch.Tensor) -> dict[str, float]:
+    """Shift and scale that give the first latent frame and the later ones zero mean and unit variance.
+
+    Neodragon normalises them separately (image and video constants) because the causal encoder sees the
+    first frame alone; ``(z - shift) * scale`` is the normalised latent.
+    """
+    z = vae.encode(videos).latent_dist.mean
+    first, rest = z[:, :, :1], z[:, :, 1:]
+    return {"image_latent_shift": first.mean().item(), "image_latent_scale": 1.0 / first.std().item(),
+            "video_latent_shift": rest.mean().item(), "video_latent_scale": 1.0 / rest.std().item()}
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: AsymmetricCausalVideoVAE, videos: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean PSNR of mean-latent reconstructions (deterministic)."""
+    scores = [psnr(chunk, vae.decode(vae.encode(chunk).latent_dist.mean).sample)
+              for chunk in videos.split(batch_size)]
+    return torch.cat(scores).mean().item()
+
+
+def save_latent_statistics(stats: dict[str, float], folder: str | Path) -> None:
+    (Path(folder) / LATENT_STATS).write_text(json.dumps(stats, indent=2))
+
+
+def load_latent_statistics(folder: str | Path) -> dict[str, float]:
+    path = Path(folder) / LATENT_STATS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: train the VAE with `neodragon train vae` first.")
+    return json.loads(path.read_text())

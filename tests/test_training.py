@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from neodragon.recipes.training import Trainer, TrainConfig, cycle_indices, read_log
+
+
+class Interrupted(Exception):
+    pass
+
+
+def make_trainer(tmp_path, stop_at=None, max_steps=6):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+    data = torch.randn(1000, 4, generator=torch.Generator().manual_seed(1))
+
+    def batch_fn(step, rank, world):
+        if step == stop_at:
+            raise Interrupted
+        return {"x": data[list(cycle_indices(step, rank, world, 4))]}
+
+    def loss_fn(batch):
+        loss = model(batch["x"]).square().mean()  # dropout makes the run depend on the restored RNG state
+        return {"loss": loss, "extra": loss.detach() * 2}
+
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=max_steps, batch_size=4, warmup_steps=2,
+                         save_every=3, log_every=1, learning_rate=1e-2)
+    return Trainer(config, {"model": model}, batch_fn, loss_fn)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    straight = make_trainer(tmp_path / "a")
+    straight.fit()
+    interrupted = make_trainer(tmp_path / "b", stop_at=3)
+    with pytest.raises(Interrupted):
+        interrupted.fit()
+    resumed = make_trainer(tmp_path / "b")
+    assert resumed.resume() == 3
+    resumed.fit()
+    for a, b in zip(straight.unwrap("model").parameters(), resumed.unwrap("model").parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    log = read_log(tmp_path / "b")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in log] == [r["loss"] for r in read_log(tmp_path / "a")]
+    assert (tmp_path / "b" / "train_config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_3", "step_6"]
+
+
+def test_frozen_model_is_an_error(tmp_path):
+    model = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        Trainer(TrainConfig(output_dir=str(tmp_path)), {"m": model}, lambda *a: {}, lambda b: {})
+
+
+def test_cycle_indices_are_disjoint_across_ranks_and_steps():
+    seen = [i for step in range(3) for rank in range(2) for i in cycle_indices(step, rank, 2, 4)]
+    assert sorted(seen) == list(range(24))
