@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from neodragon.recipes.training import Trainer, TrainConfig, cycle_indices, read_log
+from neodragon.recipes.training import TrainConfig, Trainer, cycle_indices, read_log
 
 
 class Interrupted(Exception):

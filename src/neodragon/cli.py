@@ -152,5 +152,16 @@ def info(
         Console().print_json(json.dumps(defaults))
 
 
+def _register_subcommands() -> None:
+    from .data.cli import app as data_app
+    from .recipes.cli import app as train_app
+
+    app.add_typer(train_app, name="train")
+    app.add_typer(data_app, name="data", help="ShapesWorld, the nano world: previews of its captioned videos.")
+
+
+_register_subcommands()
+
+
 if __name__ == "__main__":
     app()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .data import caption_vocabulary
 from .models.context_adapter import ContextAdapter
 from .models.mmdit import PyramidMMDiT
 from .models.sentence import SentenceTextEncoder
@@ -23,16 +24,8 @@ from .models.vae import AsymmetricCausalVideoVAE
 from .pipelines.neodragon import SUBFOLDERS, ModeDefaults, NeodragonPipeline, PipelineConfig
 from .schedulers import PyramidFlowMatchScheduler
 
-# Words of the nano world's captions (ShapesWorld); the word-level tokenizers are built from them.
-NANO_VOCAB = (
-    "a an the one two of on in to and with is are moving move moves slides sliding goes going drifts towards "
-    "left right up down upward downward staying still stays static growing grows shrinking shrinks spinning "
-    "spins rotating bouncing bounces around small large big tiny huge "
-    "circle square triangle star diamond cross ring heart hexagon "
-    "red green blue yellow orange purple pink white black cyan gray brown "
-    "background above below next beside neon glow stripes striped pixel mosaic outline "
-    "hyper quality ultra hd 8k cinematic realistic textures high detail natural colours"
-).split()
+# The nano tokenizers' vocabulary: every word of ShapesWorld's captions, plus the prompt-modifier words.
+NANO_VOCAB = (*caption_vocabulary(), *"hyper quality ultra hd 8k cinematic realistic textures high detail".split())
 
 
 @dataclass

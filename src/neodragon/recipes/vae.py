@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..models.vae import AsymmetricCausalVideoVAE
 
@@ -41,6 +42,17 @@ def vae_losses(vae: AsymmetricCausalVideoVAE, video: torch.Tensor, weights: VAEL
     kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
     loss = l1 + weights.edges * edges + weights.kl * kl
     return {"loss": loss, "l1": l1.detach(), "edges": edges.detach(), "kl": kl.detach()}
+
+
+class VAEObjective(nn.Module):
+    """The VAE with its loss as ``forward``, so that DDP (which only wraps ``forward``) syncs its gradients."""
+
+    def __init__(self, vae: AsymmetricCausalVideoVAE, weights: VAELossWeights):
+        super().__init__()
+        self.vae, self.weights = vae, weights
+
+    def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        return vae_losses(self.vae, video, self.weights)
 
 
 def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""``neodragon train ...``: the nano teacher's training commands (run under ``accelerate launch`` for DDP)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Train the nano teacher (VAE, latent cache, DiT) and export it. "
+                  "Every run resumes from its newest checkpoint in --output; use `accelerate launch "
+                  "--num_processes N -m neodragon train ...` for several processes.")
+
+OUTPUT = typer.Option(..., "--output", "-o", help="Run folder: checkpoints, log.jsonl, final/.")
+STEPS = typer.Option(1000, "--steps", help="Total optimiser steps (a resumed run continues up to this).")
+BATCH = typer.Option(4, "--batch-size", help="Videos per process and step.")
+LR = typer.Option(2e-4, "--lr")
+SAVE = typer.Option(250, "--save-every", help="Checkpoint interval in steps.")
+SEED = typer.Option(0, "--seed")
+
+
+def _config(output: Path, steps: int, batch_size: int, lr: float, save_every: int, seed: int, warmup: int):
+    from .training import TrainConfig
+
+    return TrainConfig(output_dir=str(output), max_steps=steps, batch_size=batch_size, learning_rate=lr,
+                       save_every=save_every, seed=seed, warmup_steps=min(warmup, max(1, steps // 10)))
+
+
+@app.command()
+def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: float = LR,
+        save_every: int = SAVE, seed: int = SEED,
+        num_frames: int = typer.Option(9, "--num-frames", help="Frames per training clip (1 + 8k)."),
+        crop: int = typer.Option(64, "--crop", help="Square training crop of the 128x128 renders (0: none)."),
+        kl_weight: float = typer.Option(1e-5, "--kl-weight"),
+        edge_weight: float = typer.Option(0.5, "--edge-weight"),
+        eval_videos: int = typer.Option(32, "--eval-videos")) -> None:
+    """Train the teacher's causal video VAE on ShapesWorld; writes final/ with latent statistics and PSNR."""
+    from .nano import train_vae
+    from .vae import VAELossWeights
+
+    metrics = train_vae(_config(output, steps, batch_size, lr, save_every, seed, 200), num_frames=num_frames,
+                        crop=crop or None, weights=VAELossWeights(edges=edge_weight, kl=kl_weight),
+                        eval_videos=eval_videos)
+    if metrics:
+        typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command("encode-latents")
+def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VAE (the final/ of `train vae`)."),
+                   output: Path = OUTPUT,
+                   num_videos: int = typer.Option(4096, "--num-videos"),
+                   batch_size: int = typer.Option(8, "--batch-size"), seed: int = SEED) -> None:
+    """Encode training videos once into normalised latent shards (resumable, split across processes)."""
+    from accelerate import PartialState
+
+    from .nano import encode_latents as encode
+
+    state = PartialState()
+    encode(vae_dir, output, num_videos, batch_size, seed, state.process_index, state.num_processes)
+
+
+@app.command()
+def teacher(latents: Path = typer.Option(..., "--latents", help="Output of `train encode-latents`."),
+            output: Path = OUTPUT, steps: int = STEPS, batch_size: int = typer.Option(16, "--batch-size"),
+            lr: float = LR, save_every: int = SAVE, seed: int = SEED,
+            text_dropout: float = typer.Option(0.1, "--text-dropout")) -> None:
+    """Train the nano teacher DiT with pyramidal flow matching on cached latents."""
+    from .nano import train_teacher
+    from .teacher import TeacherRecipe
+
+    train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500), latents,
+                  TeacherRecipe(text_dropout=text_dropout))
+
+
+@app.command("export-teacher")
+def export_teacher(vae_dir: Path = typer.Option(..., "--vae"), dit_dir: Path = typer.Option(..., "--dit"),
+                   output: Path = typer.Option(..., "--output", "-o"),
+                   fp16: bool = typer.Option(True, "--fp16/--fp32", help="Cast weights (fp16 for bundling).")) -> None:
+    """Assemble a runnable checkpoint folder (official layout) from a trained VAE and DiT."""
+    import torch
+
+    from .nano import export_teacher as export
+
+    folder = export(vae_dir, dit_dir, output, torch.float16 if fp16 else torch.float32)
+    typer.echo(f"wrote {folder}")

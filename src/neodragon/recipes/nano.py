@@ -1,0 +1,184 @@
+"""Training the nano teacher end to end: the VAE, a latent cache, the DiT, and the exported checkpoint folder.
+
+Each function is one `neodragon train ...` command; every run is seeded and resumable (see ``training.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data import sample
+from ..models.mmdit import PyramidMMDiT
+from ..models.sentence import SentenceTextEncoder
+from ..models.vae import AsymmetricCausalVideoVAE
+from ..pipelines.neodragon import SUBFOLDERS, PipelineConfig
+from ..presets import nano_teacher_preset
+from ..schedulers import PyramidFlowMatchScheduler
+from .teacher import (
+    TeacherRecipe,
+    drop_captions,
+    flow_matching_loss,
+    normalize_latents,
+    sample_unit_and_stage,
+    step_generator,
+)
+from .training import TrainConfig, Trainer, cycle_indices
+from .vae import VAELossWeights, VAEObjective, latent_statistics, reconstruction_psnr, save_latent_statistics
+
+SHARD = 256  # latents per cache file
+
+
+def video_batch(split: str, indices, num_frames: int, size: int, crop: int | None = None,
+                seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Rendered ShapesWorld videos ``[B, 3, T, H, W]`` and captions; an optional square crop at a position
+    fixed by the index (translation keeps the objects' scale, and the causal conv VAE is size-agnostic)."""
+    items = [sample(split, i, seed, num_frames=num_frames, height=size, width=size) for i in indices]
+    videos = torch.stack([item.video for item in items])
+    if crop is not None and crop < size:
+        offsets = [np.random.default_rng([seed, i, 7]).integers(0, size - crop + 1, 2) for i in indices]
+        videos = torch.stack([v[..., y : y + crop, x : x + crop] for v, (y, x) in zip(videos, offsets, strict=True)])
+    return videos, [item.caption for item in items]
+
+
+# -- VAE ------------------------------------------------------------------------------------------------------
+
+
+def train_vae(config: TrainConfig, num_frames: int = 9, size: int = 128, crop: int | None = 64,
+              weights: VAELossWeights | None = None, eval_videos: int = 32) -> dict:
+    """Train the teacher VAE, then write ``final/`` with the model, latent statistics and held-out PSNR."""
+    weights = weights or VAELossWeights()
+    vae = AsymmetricCausalVideoVAE(**nano_teacher_preset().vae)
+
+    def batch_fn(step: int, rank: int, world: int) -> dict:
+        videos, _ = video_batch("train", cycle_indices(step, rank, world, config.batch_size), num_frames, size, crop,
+                                config.seed)
+        return {"video": videos.to(trainer.accelerator.device)}
+
+    trainer = Trainer(config, {"objective": VAEObjective(vae, weights)}, batch_fn,
+                      lambda batch: trainer.modules["objective"](batch["video"]))
+    trainer.resume()
+    trainer.fit()
+    metrics = {}
+    if trainer.accelerator.is_main_process:
+        model = trainer.unwrap("objective").vae.eval()
+        videos, _ = video_batch("eval", range(eval_videos), 17, size, seed=config.seed)
+        stats = latent_statistics(model, videos)
+        metrics = {"eval_psnr_db": reconstruction_psnr(model, videos), "eval_videos": eval_videos, **stats}
+        final = Path(config.output_dir) / "final"
+        model.save_pretrained(final)
+        save_latent_statistics(stats, final)
+        (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+# -- latent cache ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, batch_size: int = 8,
+                   seed: int = 0, rank: int = 0, world: int = 1) -> Path:
+    """Encode ``num_videos`` training videos (17 x 128 x 128) once into normalised latent shards.
+
+    Shards already on disk are skipped, so an interrupted run resumes; ranks split the shards between them.
+    """
+    vae = AsymmetricCausalVideoVAE.from_pretrained(vae_dir).eval()
+    stats = json.loads((Path(vae_dir) / "latent_stats.json").read_text())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in range(rank, -(-num_videos // SHARD), world):
+        path = out / f"shard_{shard:05d}.safetensors"
+        if path.is_file():
+            continue
+        indices = range(shard * SHARD, min((shard + 1) * SHARD, num_videos))
+        latents, captions = [], []
+        for chunk in [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]:
+            videos, texts = video_batch("train", chunk, 17, 128, seed=seed)
+            latents.append(normalize_latents(vae.encode(videos).latent_dist.mean, stats))
+            captions += texts
+        tmp = path.with_suffix(".tmp")
+        save_file({"latents": torch.cat(latents).contiguous()}, str(tmp),
+                  metadata={"captions": json.dumps(captions)})
+        os.replace(tmp, path)
+    return out
+
+
+class LatentCache:
+    """The encoded training set, held in memory (a few MB at nano size)."""
+
+    def __init__(self, folder: str | Path):
+        shards = sorted(Path(folder).glob("shard_*.safetensors"))
+        if not shards:
+            raise FileNotFoundError(f"No latent shards in {folder}: run `neodragon train encode-latents` first.")
+        from safetensors import safe_open
+
+        latents, captions = [], []
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as handle:
+                captions += json.loads(handle.metadata()["captions"])
+            latents.append(load_file(str(shard))["latents"])
+        self.latents, self.captions = torch.cat(latents), captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def batch(self, indices) -> tuple[torch.Tensor, list[str]]:
+        rows = [i % len(self) for i in indices]
+        return self.latents[rows], [self.captions[i] for i in rows]
+
+
+# -- DiT ------------------------------------------------------------------------------------------------------
+
+
+def train_teacher(config: TrainConfig, latents_dir: str | Path, recipe: TeacherRecipe | None = None) -> None:
+    """Pyramidal flow matching of the nano teacher DiT on cached latents, text from the frozen MiniLM."""
+    recipe = recipe or TeacherRecipe()
+    preset = nano_teacher_preset()
+    cache = LatentCache(latents_dir)
+    text = SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
+    dit, scheduler = PyramidMMDiT(**preset.dit), PyramidFlowMatchScheduler()
+
+    def batch_fn(step: int, rank: int, world: int) -> dict:
+        latents, captions = cache.batch(cycle_indices(step, rank, world, config.batch_size))
+        generator = step_generator(config.seed, step, rank)
+        encoding = text.encode(drop_captions(captions, recipe.text_dropout, generator))
+        unit, stage = sample_unit_and_stage(latents.shape[2], scheduler.config.stages, config.seed, step)
+        return {"latents": latents, "encoding": encoding, "unit": unit, "stage": stage, "generator": generator}
+
+    def loss_fn(batch: dict) -> dict:
+        enc = batch["encoding"]
+        return flow_matching_loss(trainer.modules["dit"], scheduler, batch["latents"], enc.tokens, enc.mask,
+                                  enc.pooled, batch["unit"], batch["stage"], batch["generator"], recipe)
+
+    trainer = Trainer(config, {"dit": dit}, batch_fn, loss_fn)
+    trainer.resume()
+    trainer.fit()
+    if trainer.accelerator.is_main_process:
+        trainer.unwrap("dit").save_pretrained(Path(config.output_dir) / "final")
+        (Path(config.output_dir) / "final" / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    trainer.accelerator.wait_for_everyone()
+
+
+# -- export ---------------------------------------------------------------------------------------------------
+
+
+def export_teacher(vae_dir: str | Path, dit_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float16,
+                   pipeline: PipelineConfig | None = None) -> Path:
+    """Assemble a checkpoint folder in the official layout (weights cast to ``dtype``, fp16 for bundling)."""
+    preset = nano_teacher_preset()
+    out = Path(out_dir)
+    stats = json.loads((Path(vae_dir) / "latent_stats.json").read_text())
+    AsymmetricCausalVideoVAE.from_pretrained(vae_dir).to(dtype).save_pretrained(out / SUBFOLDERS["vae"])
+    PyramidMMDiT.from_pretrained(dit_dir).to(dtype).save_pretrained(out / SUBFOLDERS["monolithic", "transformer"])
+    SentenceTextEncoder.from_source(preset.text["sentence_encoder"],
+                                    preset.text["max_sequence_length"]).save_pretrained(out)
+    PyramidFlowMatchScheduler().save_pretrained(out / "scheduler")
+    replace(pipeline or preset.pipeline, **stats).save(out)
+    return out

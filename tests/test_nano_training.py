@@ -1,0 +1,82 @@
+"""One step of each nano trainer, resume, export to a runnable checkpoint, and a 2-process smoke run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from neodragon.pipelines import NeodragonPipeline
+from neodragon.recipes.nano import LatentCache, encode_latents, export_teacher, train_teacher, train_vae
+from neodragon.recipes.training import TrainConfig, read_log
+
+
+def config(path, steps, batch_size=1, save_every=1):
+    return TrainConfig(output_dir=str(path), max_steps=steps, batch_size=batch_size, warmup_steps=1,
+                       save_every=save_every, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("vae")
+    metrics = train_vae(config(run, 1), num_frames=9, crop=32, eval_videos=2)
+    return run, metrics
+
+
+@pytest.fixture(scope="module")
+def latents(vae_run, tmp_path_factory):
+    return encode_latents(vae_run[0] / "final", tmp_path_factory.mktemp("latents"), num_videos=6, batch_size=3)
+
+
+def test_vae_step_writes_final_model_and_statistics(vae_run):
+    run, metrics = vae_run
+    assert (run / "final" / "diffusion_pytorch_model.safetensors").is_file()
+    stats = json.loads((run / "final" / "latent_stats.json").read_text())
+    assert stats["image_latent_scale"] > 0 and np.isfinite(metrics["eval_psnr_db"])
+    assert read_log(run)[-1]["step"] == 1
+
+
+def test_vae_resume_continues_from_checkpoint(vae_run):
+    run, _ = vae_run
+    train_vae(config(run, 2), num_frames=9, crop=32, eval_videos=1)
+    assert [r["step"] for r in read_log(run)] == [1, 2]
+
+
+def test_latent_cache_is_normalised_and_resumable(latents, vae_run):
+    cache = LatentCache(latents)
+    assert len(cache) == 6 and cache.latents.shape == (6, 8, 3, 16, 16)
+    batch, captions = cache.batch(range(4, 8))
+    assert batch.shape[0] == 4 and captions[2] == cache.captions[0]  # indices wrap around
+    before = sorted(p.stat().st_mtime_ns for p in latents.iterdir())
+    encode_latents(vae_run[0] / "final", latents, num_videos=6)  # nothing left to do
+    assert sorted(p.stat().st_mtime_ns for p in latents.iterdir()) == before
+
+
+def test_teacher_step_export_and_generate(vae_run, latents, tmp_path):
+    train_teacher(config(tmp_path / "dit", 1, batch_size=2), latents)
+    assert read_log(tmp_path / "dit")[-1]["loss"] > 0
+    folder = export_teacher(vae_run[0] / "final", tmp_path / "dit" / "final", tmp_path / "export")
+    weights = folder / "diffusion_transformer_320p_multistep_t2v" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 10 * 2**20  # fp16
+    pipe = NeodragonPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    stats = json.loads((vae_run[0] / "final" / "latent_stats.json").read_text())
+    assert pipe.pipeline_config.video_latent_scale == pytest.approx(stats["video_latent_scale"])
+    frames = pipe("a red circle moving to the right", num_frames=9, num_inference_steps=1,
+                  video_num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="np").frames
+    assert frames.shape == (1, 9, 128, 128, 3) and np.isfinite(frames).all()
+
+
+def test_two_process_training_smoke(latents, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "neodragon", "train", "teacher", "--latents", str(latents), "-o", str(tmp_path / "ddp"),
+               "--steps", "2", "--batch-size", "1", "--save-every", "2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_log(tmp_path / "ddp")[-1]["step"] == 2
+    assert (tmp_path / "ddp" / "final" / "diffusion_pytorch_model.safetensors").is_file()
