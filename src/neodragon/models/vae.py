@@ -159,71 +159,57 @@ class CausalTemporalUpsample2x(nn.Module):
         return x[:, :, 1:]
 
 
-class DownEncoderBlockCausal3D(nn.Module):
-    """Residual blocks followed by optional spatial and temporal 2x downsampling."""
+class _ResnetStage(nn.Module):
+    """Residual blocks, then the optional resamplers named in ``_resamplers`` (their names are state-dict keys)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        num_layers: int,
-        norm_num_groups: int = 32,
-        dropout: float = 0.0,
-        act_fn: str = "silu",
-        add_spatial_downsample: bool = True,
-        add_temporal_downsample: bool = False,
-    ) -> None:
+    _resamplers: tuple[str, ...] = ()
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, norm_num_groups: int, dropout: float,
+                 act_fn: str, **resamplers: nn.Module | None) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
             CausalResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, norm_num_groups, dropout, act_fn)
             for i in range(num_layers)
         )
-        self.downsamplers = nn.ModuleList([CausalDownsample2x(out_channels)]) if add_spatial_downsample else None
-        self.temporal_downsamplers = (
-            nn.ModuleList([CausalTemporalDownsample2x(out_channels)]) if add_temporal_downsample else None
-        )
+        for name in self._resamplers:
+            setattr(self, name, nn.ModuleList([resamplers[name]]) if resamplers[name] is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
             x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        if self.temporal_downsamplers is not None:
-            x = self.temporal_downsamplers[0](x)
+        for name in self._resamplers:
+            if getattr(self, name) is not None:
+                x = getattr(self, name)[0](x)
         return x
 
 
-class UpDecoderBlockCausal3D(nn.Module):
+class DownEncoderBlockCausal3D(_ResnetStage):
+    """Residual blocks followed by optional spatial and temporal 2x downsampling."""
+
+    _resamplers = ("downsamplers", "temporal_downsamplers")
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, norm_num_groups: int = 32,
+                 dropout: float = 0.0, act_fn: str = "silu", add_spatial_downsample: bool = True,
+                 add_temporal_downsample: bool = False) -> None:
+        super().__init__(
+            in_channels, out_channels, num_layers, norm_num_groups, dropout, act_fn,
+            downsamplers=CausalDownsample2x(out_channels) if add_spatial_downsample else None,
+            temporal_downsamplers=CausalTemporalDownsample2x(out_channels) if add_temporal_downsample else None,
+        )
+
+
+class UpDecoderBlockCausal3D(_ResnetStage):
     """Residual blocks followed by optional spatial and causal temporal 2x upsampling."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        num_layers: int,
-        norm_num_groups: int = 32,
-        act_fn: str = "silu",
-        add_spatial_upsample: bool = True,
-        add_temporal_upsample: bool = False,
-    ) -> None:
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            CausalResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, norm_num_groups, 0.0, act_fn)
-            for i in range(num_layers)
-        )
-        self.upsamplers = nn.ModuleList([CausalUpsample2x(out_channels)]) if add_spatial_upsample else None
-        self.temporal_upsamplers = (
-            nn.ModuleList([CausalTemporalUpsample2x(out_channels)]) if add_temporal_upsample else None
-        )
+    _resamplers = ("upsamplers", "temporal_upsamplers")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        if self.temporal_upsamplers is not None:
-            x = self.temporal_upsamplers[0](x)
-        return x
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, norm_num_groups: int = 32,
+                 act_fn: str = "silu", add_spatial_upsample: bool = True, add_temporal_upsample: bool = False) -> None:
+        super().__init__(
+            in_channels, out_channels, num_layers, norm_num_groups, 0.0, act_fn,
+            upsamplers=CausalUpsample2x(out_channels) if add_spatial_upsample else None,
+            temporal_upsamplers=CausalTemporalUpsample2x(out_channels) if add_temporal_upsample else None,
+        )
 
 
 class CausalUNetMidBlock3D(nn.Module):
