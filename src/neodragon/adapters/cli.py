@@ -1,0 +1,149 @@
+"""``neodragon adapter ...``: inspect adapter files, convert SHiRA adapters to and from PEFT, fuse SHiRA adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="SHiRA / FouRA adapters: inspect files, convert SHiRA to and from PEFT, fuse SHiRA adapters.")
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=1)
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        _fail(f"{path} already exists; pass --overwrite or choose another name.")
+
+
+def _dit_on_meta(model: str):
+    """The DiT as shapes only (meta device): ``nano``, ``official`` or a folder with the DiT's config.json."""
+    import torch
+
+    from ..models.mmdit import PyramidMMDiT
+    from ..presets import nano_preset
+
+    if model == "nano":
+        config = nano_preset().dit
+    elif model == "official":
+        config = {}
+    else:
+        folder = Path(model)
+        folder = folder if (folder / "config.json").is_file() else folder / "diffusion_transformer_320p"
+        if not (folder / "config.json").is_file():
+            _fail(f"--model {model!r}: expected 'nano', 'official' or a folder with the DiT's config.json.")
+        config = PyramidMMDiT.load_config(folder)
+    with torch.device("meta"):
+        return PyramidMMDiT.from_config(config)
+
+
+def _peft_summary(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    weights = folder / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118
+    params = sum(math.prod(s) for k, s in shapes.items() if not k.endswith("shira_indices"))
+    return {"format": f"PEFT {config.get('peft_type')}", "r": config.get("r"),
+            "target_modules": config.get("target_modules"), "tensors": len(shapes), "parameters": params,
+            "bytes": weights.stat().st_size}
+
+
+def _shira_summary(path: Path) -> dict:
+    from .shira import ShiraAdapter
+
+    adapter = ShiraAdapter.load(path)
+    kinds = sorted({"Linear" if len(s) == 2 else f"Conv{len(s) - 2}d" for s in adapter.shapes.values()})
+    return {"format": "neodragon SHiRA", "layers": len(adapter.shapes), "layer_types": kinds,
+            "parameters": adapter.num_params, "density": adapter.density(), "metadata": adapter.metadata,
+            "bytes": path.stat().st_size, "bytes_per_entry": path.stat().st_size / max(adapter.num_params, 1)}
+
+
+@app.command()
+def info(
+    path: Path = typer.Argument(..., help="A neodragon SHiRA .safetensors file or a PEFT adapter folder."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """What an adapter holds: format, layers, trainable entries, density, size on disk."""
+    try:
+        summary = _peft_summary(path) if path.is_dir() else _shira_summary(path)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    table = Table(title=f"adapter: {path}", show_header=False)
+    for key, value in summary.items():
+        shown = f"{value:,}" if isinstance(value, int) else f"{value:.4g}" if isinstance(value, float) else str(value)
+        table.add_row(key, shown)
+    Console().print(table)
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="A neodragon SHiRA file (to PEFT) or a PEFT SHiRA folder (from PEFT)."),
+    target: Path = typer.Argument(..., help="The PEFT folder or the .safetensors file to write."),
+    model: str = typer.Option("nano", "--model", help="DiT whose layer shapes a PEFT adapter is read against: "
+                              "'nano', 'official' or a folder with its config.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing target."),
+) -> None:
+    """Convert a SHiRA adapter between neodragon's file and PEFT's adapter folder (Linear layers)."""
+    from .shira import ShiraAdapter
+
+    _check_output(target, overwrite)
+    try:
+        if source.is_dir():
+            adapter = ShiraAdapter.from_peft(source, _dit_on_meta(model))
+            adapter.save(target)
+        else:
+            adapter = ShiraAdapter.load(source)
+            adapter.to_peft(target)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    console.print(f"wrote [bold]{target}[/]: {len(adapter.shapes)} layers, {adapter.num_params:,} entries")
+
+
+@app.command()
+def fuse(
+    adapters: list[Path] = typer.Argument(..., help="neodragon SHiRA files to fuse."),
+    output: Path = typer.Option(..., "-o", "--output", help="The fused .safetensors file."),
+    weights: str = typer.Option(None, "--weights", help="One weight per adapter, e.g. 1,0.5 (default: all 1)."),
+    metrics: bool = typer.Option(False, "--metrics", help="Also report AWOM/AWOR (dense products; slow on wide "
+                                 "layers)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Fuse SHiRA adapters into one (weighted sum of sparse deltas) and report how much their masks overlap."""
+    from .shira import ShiraAdapter, fuse_adapters, overlap_stats
+
+    _check_output(output, overwrite)
+    try:
+        scales = [float(w) for w in weights.split(",")] if weights else None
+        loaded = [ShiraAdapter.load(path) for path in adapters]
+        fused = fuse_adapters(loaded, scales)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    table = Table(title="mask overlap (over shared layers)")
+    for column in ("pair", "layers", "shared entries", "Jaccard", *(("mean AWOM", "mean AWOR") if metrics else ())):
+        table.add_column(column)
+    for i in range(len(loaded)):
+        for j in range(i + 1, len(loaded)):
+            stats = overlap_stats(loaded[i], loaded[j], metrics=metrics).values()
+            rows = max(len(stats), 1)
+            cells = [f"{adapters[i].name} + {adapters[j].name}", str(len(stats)),
+                     f"{sum(s['shared'] for s in stats):,}", f"{sum(s['jaccard'] for s in stats) / rows:.4f}"]
+            if metrics:
+                cells += [f"{sum(s['awom'] for s in stats) / rows:.4g}", f"{sum(s['awor'] for s in stats) / rows:.4f}"]
+            table.add_row(*cells)
+    Console().print(table)
+    fused.save(output)
+    console.print(f"wrote [bold]{output}[/]: {len(fused.shapes)} layers, {fused.num_params:,} entries")
