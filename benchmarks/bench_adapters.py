@@ -39,6 +39,7 @@ from bench_core import (
     build_dit,
     gib,
     machine_lines,
+    report_preamble,
     write_atomic,
 )
 from diffusers.utils import logging as diffusers_logging
@@ -394,19 +395,9 @@ def bench_files(args: argparse.Namespace, report: Report, save: Callable[[], Non
 
 
 def render(report: Report, args: argparse.Namespace, finished: bool) -> str:
-    loads = {**report.load, ("end" if finished else "now"): os.getloadavg()}
-    wall = time.time() - report.started.timestamp()
-    lines = [
-        "# Adapter benchmarks (CPU)",
-        "",
-        f"- Date (UTC): {report.started:%Y-%m-%d %H:%M:%S}" + ("" if finished else " (run still in progress)"),
-        f"- Command: `{report.argv}`",
-        *report.header,
-        "- Load average (1/5/15 min): " + ", ".join(f"{k} {'/'.join(f'{x:.2f}' for x in v)}" for k, v in loads.items()),
-        "  (the benchmark's own load is about its thread count; the excess is other processes sharing the 2 "
-        "cores; the min next to each median shows the run-to-run spread)",
-        f"- Wall time of the whole run: {wall / 60:.1f} min" + ("" if finished else " so far"),
-    ]
+    lines = report_preamble("Adapter benchmarks (CPU)", report, finished,
+                            "the benchmark's own load is about its thread count; the excess is other processes "
+                            "sharing the 2 cores; the min next to each median shows the run-to-run spread")
     if report.switch:
         lines += ["", "## 1. Switching at the official DiT scale (18 blocks x 1536)"]
         for threads, rows in report.switch.items():

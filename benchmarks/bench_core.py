@@ -286,20 +286,28 @@ def bench_block_noise(scheduler: PyramidFlowMatchScheduler, repeats: int, baseli
 # ---------------------------------------------------------------------------------------------- report
 
 
-def render(report: Report, args: argparse.Namespace, finished: bool) -> str:
+def report_preamble(title: str, report, finished: bool, load_note: str) -> list[str]:
+    """Title, date, command, machine, load average and wall time: the head of every benchmark report."""
     loads = {**report.load, ("end" if finished else "now"): os.getloadavg()}
     wall = time.time() - report.started.timestamp()
-    lines = [
-        "# Core benchmarks (CPU)",
+    return [
+        f"# {title}",
         "",
         f"- Date (UTC): {report.started:%Y-%m-%d %H:%M:%S}" + ("" if finished else " (run still in progress)"),
         f"- Command: `{report.argv}`",
         *report.header,
         "- Load average (1/5/15 min): " + ", ".join(f"{k} {'/'.join(f'{x:.2f}' for x in v)}" for k, v in loads.items()),
-        "  (the benchmark itself keeps both cores busy, so readings taken after it started are ~2 on an otherwise "
-        "idle machine and only the excess over 2 is outside load; another process may share the 2 cores; the "
-        "median vs min columns below show the run-to-run spread)",
+        f"  ({load_note})",
         f"- Wall time of the whole run: {wall / 60:.1f} min" + ("" if finished else " so far"),
+    ]
+
+
+def render(report: Report, args: argparse.Namespace, finished: bool) -> str:
+    lines = [
+        *report_preamble("Core benchmarks (CPU)", report, finished,
+                         "the benchmark itself keeps both cores busy, so readings taken after it started are ~2 on an "
+                         "otherwise idle machine and only the excess over 2 is outside load; another process may "
+                         "share the 2 cores; the median vs min columns below show the run-to-run spread"),
         "",
         "## 1. DiT: one hybrid unit of the official `PyramidMMDiT`",
         "",
