@@ -215,15 +215,10 @@ class PyramidFlowMatchScheduler(SchedulerMixin, ConfigMixin):
 
     def noise_pyramid(self, noise: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]:
         """Per-stage noise, lowest resolution first: repeated (bilinear ½ per frame, then ×2)."""
-        _check_5d(noise, "noise")
-        levels = self._num_stages(num_stages)
-        self._check_pyramid_size(noise, levels)
-        out = [noise]
-        for _ in range(levels - 1):
-            cur = out[-1]
-            # An exact ½ bilinear resize is 2×2 average pooling; ×2 restores unit variance.
-            out.append(_resize_frames(cur, (cur.shape[-2] // 2, cur.shape[-1] // 2), "bilinear") * 2)
-        return out[::-1]
+        # An exact ½ bilinear resize is 2×2 average pooling; ×2 per level restores unit variance. Resizing is
+        # linear and ×2 is exact in floating point, so this equals rescaling after each resize.
+        levels = self.latent_pyramid(noise, num_stages)
+        return [level * 2 ** (len(levels) - 1 - i) for i, level in enumerate(levels)]
 
     def latent_pyramid(self, latents: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]:
         """Clean latents per stage, lowest first: successive bilinear ½ resizes per frame (no ×2)."""
