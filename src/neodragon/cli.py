@@ -155,11 +155,13 @@ def info(
 def _register_subcommands() -> None:
     from .adapters.cli import app as adapter_app
     from .data.cli import app as data_app
+    from .eval.cli import app as eval_app
     from .recipes.cli import app as train_app
 
     app.add_typer(train_app, name="train")
     app.add_typer(data_app, name="data", help="ShapesWorld, the nano world: previews of its captioned videos.")
     app.add_typer(adapter_app, name="adapter", help="SHiRA and FouRA adapters: inspect, convert, fuse, switch.")
+    app.add_typer(eval_app, name="eval", help="VBench-nano: score a model with the bundled judge; train the judge.")
 
 
 _register_subcommands()

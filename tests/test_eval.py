@@ -1,0 +1,281 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from neodragon.data import COLOURS, MOTIONS, SHAPES, STYLES, collate, sample
+from neodragon.eval.cli import app
+from neodragon.eval.judge import Judge, export_judge, load_judge, real_videos, scene_dict, slot_targets
+from neodragon.eval.metrics import (
+    DYNAMIC_THRESHOLD,
+    accuracy_table,
+    bounds,
+    consistency,
+    edge_energy,
+    evaluate,
+    frechet_distance,
+    imaging_quality,
+    motion_magnitude,
+    motion_smoothness,
+    normalise,
+    semantic_scores,
+    sqrtm_psd,
+    temporal_flickering,
+    vbench_total,
+)
+from neodragon.eval.prompts import PROMPT_SETS, build_prompt_set, load_prompt_set, save_prompt_set
+
+
+def moving_square(steps: list[int], size: int = 32) -> torch.Tensor:
+    """[1, T, 3, H, W] in [0, 1]: a white 8x8 square on black, at x offsets ``steps``."""
+    frames = torch.zeros(len(steps), 3, size, size)
+    for t, x in enumerate(steps):
+        frames[t, :, 12:20, x : x + 8] = 1
+    return frames[None]
+
+
+def obj(shape="circle", colour="red", size="small", motion="still"):
+    return {"shape": shape, "colour": colour, "size": size, "motion": motion}
+
+
+def scene(objects, relation="none", background="black", style="none"):
+    return {"objects": objects, "relation": relation, "background": background, "style": style}
+
+
+# -- quality metrics ---------------------------------------------------------------------------------------------
+
+
+def test_identical_frames_are_consistent_flicker_free_and_static():
+    video = moving_square([4] * 9)
+    features = torch.randn(1, 1, 16).expand(2, 9, 16)
+    assert consistency(features).tolist() == pytest.approx([1.0, 1.0])
+    assert temporal_flickering(video).item() == 1.0
+    assert motion_smoothness(video).item() == 1.0
+    assert motion_magnitude(video).item() == 0.0
+
+
+def test_consistency_drops_when_the_features_change():
+    steady = torch.tensor([[[1.0, 0.0]] * 3])
+    switch = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])  # (cos(f0,f1) + 1)/2 = 1, then 0
+    assert consistency(steady).item() == pytest.approx(1.0)
+    assert consistency(switch).item() == pytest.approx(0.5)
+    assert consistency(torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])).item() == 0  # negative similarity clips to 0
+
+
+def test_flicker_scores_worse_than_smooth_motion():
+    smooth = moving_square(list(range(0, 17, 2)))
+    flicker = smooth * (0.5 + torch.rand(1, 9, 1, 1, 1, generator=torch.Generator().manual_seed(0)))
+    assert temporal_flickering(flicker).item() < temporal_flickering(smooth).item() - 0.01
+
+
+def test_jerky_motion_is_less_smooth_than_steady_motion():
+    steady = moving_square([2 * t for t in range(17)], size=48)  # 2 px per frame
+    jerky = moving_square([8 * (t // 4) for t in range(17)], size=48)  # same path, 8 px jumps every 4 frames
+    assert steady[0, -1].sum() == jerky[0, -1].sum()
+    assert motion_smoothness(jerky).item() < motion_smoothness(steady).item() - 0.005
+
+
+def test_dynamic_degree_separates_real_still_and_moving_videos():
+    magnitudes = {}
+    for i in range(40):
+        item = sample("eval", i, num_frames=9, height=64, width=64, styles=STYLES)
+        still = all(o.motion == MOTIONS.index("still") for o in item.labels.objects)
+        magnitudes.setdefault(still, []).append(motion_magnitude((item.video.transpose(0, 1)[None] + 1) / 2).item())
+    assert max(magnitudes[True]) <= DYNAMIC_THRESHOLD < min(magnitudes[False])
+
+
+def test_imaging_quality_prefers_the_sharpness_of_the_real_video():
+    real = moving_square([4] * 9)
+    blurred = torch.nn.functional.avg_pool2d(real[0], 5, 1, 2)[None]
+    noisy = (real + 0.3 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    reference = edge_energy(real)
+    assert imaging_quality(edge_energy(real), reference).item() == 1.0
+    assert imaging_quality(edge_energy(blurred), reference).item() < 0.8
+    assert imaging_quality(edge_energy(noisy), reference).item() < 0.8
+
+
+# -- FVD-nano ------------------------------------------------------------------------------------------------------
+
+
+def test_sqrtm_psd_on_known_matrices():
+    torch.testing.assert_close(sqrtm_psd(torch.tensor([[5.0, 4.0], [4.0, 5.0]])),
+                               torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64))
+    a = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    singular = a @ a.T  # rank 3: rounding makes some eigenvalues slightly negative
+    root = sqrtm_psd(singular)
+    torch.testing.assert_close(root @ root, singular, atol=1e-9, rtol=1e-9)
+
+
+def test_frechet_distance_is_zero_on_itself_and_grows_with_a_mean_shift():
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    x = x - x.mean(0)  # centred, so that scaling x moves only the covariance
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    shifts = [frechet_distance(x, x + s) for s in (0.5, 1.0, 2.0)]
+    assert shifts == pytest.approx([8 * 0.25, 8 * 1.0, 8 * 4.0], rel=1e-6)  # |mean shift|^2, same covariance
+    wider = frechet_distance(x, 2 * x)  # same mean, covariance scaled by 4: trace term (1 - 2)^2 tr(S)
+    assert wider == pytest.approx(torch.cov(x.double().T).trace().item(), rel=1e-6)
+    few = frechet_distance(x[:5], x[5:10])  # fewer samples than dimensions: singular covariances, still finite
+    assert math.isfinite(few) and few > 0
+
+
+# -- semantic ------------------------------------------------------------------------------------------------------
+
+
+def test_semantic_scores_on_hand_made_predictions():
+    expected = scene([obj("circle", "red", motion="left"), obj("square", "blue", "large")], "right_of", "gray")
+    # the judge orders slots by place: the red circle is right of the blue square, so it is in slot 1
+    right = scene([obj("square", "blue", "large"), obj("circle", "red", motion="left")], "left_of", "gray")
+    scores = semantic_scores(right, expected)
+    assert scores == {"shape": 1, "colour": 1, "size": 1, "motion": 1, "count": 1, "relation": 1, "background": 1,
+                      "style": 1, "combination": 1}
+    swapped = scene([obj("circle", "red", motion="left"), obj("square", "blue", "large")], "left_of", "gray")
+    assert semantic_scores(swapped, expected)["relation"] == 0  # right objects, wrong places
+    vertical = scene(right["objects"], "above", "gray")
+    assert semantic_scores(vertical, expected)["relation"] == 0
+    one = scene([obj("circle", "green", motion="left")], background="white", style="neon")
+    scores = semantic_scores(one, expected)  # only the circle is there (wrong colour), and no relation
+    assert (scores["shape"], scores["colour"], scores["motion"], scores["count"]) == (0.5, 0, 0.5, 0)
+    assert (scores["relation"], scores["background"], scores["style"], scores["combination"]) == (0, 0, 0, 0)
+    single = semantic_scores(scene([obj()]), scene([obj(motion="up")]))
+    assert single["relation"] is None and single["motion"] == 0 and single["shape"] == 1
+    table = accuracy_table([right, one], [expected, expected])
+    assert table["colour"] == pytest.approx(0.5) and table["relation"] == pytest.approx(0.5)
+
+
+def test_normalisation_and_total_follow_vbench():
+    assert normalise(0.6293, 0.6293, 1.0) == 0 and normalise(0.8, 0.6, 1.0) == pytest.approx(0.5)
+    assert normalise(2.0, 0.0, 1.0) == 1 and normalise(30.0, 20.0, 0.0) == 0  # clipped; FVD's bounds run downward
+    limits = bounds(fvd_noise=20.0)
+    assert limits["fvd_nano"] == (20.0, 0.0) and limits["subject_consistency"] == (0.1462, 1.0)
+    scores = {"subject_consistency": 1.0, "background_consistency": 1.0, "temporal_flickering": 1.0,
+              "motion_smoothness": 0.9975, "dynamic_degree": 0.0, "imaging_quality": 0.5, "fvd_nano": 5.0,
+              "object_class": 1.0, "colour": 0.5, "motion": 0.0, "multiple_objects": 1.0,
+              "spatial_relationship": None, "scene": 0.5, "appearance_style": 1.0}
+    result = vbench_total(scores, limits)
+    quality = (1 + 1 + 1 + 1 + 0.5 * 0 + 0.5 + 0.75) / 6.5
+    semantic = (1 + 0.5 + 0 + 1 + 0.5 + 1) / 6  # the missing relation is left out
+    assert result["quality"] == pytest.approx(quality) and result["semantic"] == pytest.approx(semantic)
+    assert result["total"] == pytest.approx((4 * quality + semantic) / 5)
+    assert result["fvd_nano_normalised"] == pytest.approx(0.75)
+
+
+# -- judge ---------------------------------------------------------------------------------------------------------
+
+
+def test_slot_targets_order_objects_by_place():
+    videos, labels = real_videos("eval", range(12), num_frames=1, size=16)
+    targets = slot_targets(labels)
+    for i in range(12):
+        truth = scene_dict(labels, i)
+        objects = truth["objects"]
+        if truth["relation"] in ("right_of", "below"):
+            objects = objects[::-1]
+        assert [SHAPES[s] for s in targets["slot_shape"][i] if s >= 0] == [o["shape"] for o in objects]
+        relation = {"none": 0, "left_of": 1, "right_of": 1, "above": 2, "below": 2}[truth["relation"]]
+        assert targets["relation"][i] == relation and targets["count"][i] == len(objects) - 1
+
+
+def test_judge_save_load_round_trip(tmp_path):
+    judge = Judge(widths=(8, 8, 8), motion_widths=(8, 8, 8), slot_hidden=16, slot_dim=8, scene_dim=4,
+                  calibration={"fvd_noise": 3.0}).eval()
+    video = torch.rand(2, 3, 17, 64, 64) * 2 - 1
+    judge.save_pretrained(tmp_path / "full")
+    loaded = load_judge(tmp_path / "full")
+    torch.testing.assert_close(loaded(video)["slot_colour"], judge(video)["slot_colour"])
+    assert loaded.config.calibration == {"fvd_noise": 3.0}
+    export_judge(judge, tmp_path / "half")
+    saved = load_file(tmp_path / "half" / "diffusion_pytorch_model.safetensors").values()
+    assert {t.dtype for t in saved if t.is_floating_point()} == {torch.float16}
+    torch.testing.assert_close(load_judge(tmp_path / "half")(video)["object"], judge(video)["object"], atol=0.05,
+                               rtol=0.05)
+    with pytest.raises(ValueError, match="label spaces"):
+        Judge(label_spaces={"shape": ["circle"]})
+
+
+def test_bundled_judge_reads_real_heldout_videos():
+    judge = load_judge()
+    assert judge.config.calibration["accuracy_heldout"]["shape"] >= 0.9
+    videos, labels = real_videos("heldout", range(16), styles=("none",))
+    predicted, _ = judge.predict(videos)
+    table = accuracy_table(predicted, [scene_dict(labels, i) for i in range(16)])
+    assert min(table.values()) >= 0.8
+    objects, scenes = judge.frame_features(videos[:2])
+    assert objects.shape[:2] == scenes.shape[:2] == (2, 17)
+
+
+# -- prompt sets ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PROMPT_SETS)
+def test_prompt_sets_are_fixed_deterministic_and_match_the_dataset(name, tmp_path):
+    built = build_prompt_set(name)
+    assert built == build_prompt_set(name)
+    assert load_prompt_set(name) == built
+    assert load_prompt_set(save_prompt_set(built, tmp_path / "copy.json", name)) == built
+    assert len({e.id for e in built}) == len(built)
+    for entry in built[:: max(1, len(built) // 6)]:
+        item = sample(entry.split, entry.index, num_frames=1, height=16, width=16, styles=(entry.scene["style"],))
+        assert item.caption == entry.caption
+        assert scene_dict(collate([item])[2], 0) == entry.scene
+        torch.testing.assert_close(entry.render(1, 16, 16), item.video)
+
+
+def test_nano_eval_covers_every_attribute_value():
+    entries = load_prompt_set("nano-eval")
+    plain = [e for e in entries if e.scene["style"] == "none"]
+    for attribute, space in (("shape", SHAPES), ("colour", COLOURS), ("motion", MOTIONS)):
+        assert {o[attribute] for e in plain for o in e.scene["objects"]} == set(space)
+    assert {e.scene["background"] for e in plain} == {"black", "white", "gray", "gradient", "checkered"}
+    assert {e.scene["relation"] for e in plain} == {"none", "left_of", "right_of", "above", "below"}
+    assert {e.scene["style"] for e in entries} == set(STYLES)
+    assert all(e.dimensions == ("appearance_style",) for e in entries if e.scene["style"] != "none")
+
+
+def test_nano_heldout_covers_every_heldout_pair():
+    from neodragon.data import HELDOUT_COLOUR_SHAPE, HELDOUT_SHAPE_MOTION
+
+    entries = load_prompt_set("nano-heldout")
+    assert all(e.heldout for e in entries)
+    firsts = [e.scene["objects"][0] for e in entries]
+    pairs = {(o["colour"], o["shape"]) for o in firsts} | {(o["shape"], o["motion"]) for o in firsts}
+    assert set(HELDOUT_COLOUR_SHAPE + HELDOUT_SHAPE_MOTION) <= pairs
+
+
+# -- end to end ----------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_scores_real_videos_as_near_perfect():
+    entries = load_prompt_set("nano-eval")[:3]
+    judge = load_judge()
+    by_seed = {e.seed: e for e in entries}
+
+    def real(caption: str, seed: int) -> torch.Tensor:  # a perfect generator: the scene at another layout
+        return (by_seed[seed].render(17, 128, 128, shift=7).transpose(0, 1) + 1) / 2
+
+    perfect = evaluate(real, entries, judge, progress=False)
+    noise = evaluate(lambda caption, seed: torch.rand(17, 3, 128, 128, generator=torch.Generator().manual_seed(seed)),
+                     entries, judge, progress=False)
+    assert perfect["generated"]["total"] > noise["generated"]["total"] + 0.2
+    assert perfect["generated"]["dimensions"]["colour"] == 1.0
+    assert noise["generated"]["dimensions"]["temporal_flickering"] < 0.8
+
+
+def test_cli_run_writes_json_and_markdown(tmp_path):
+    from neodragon.presets import create_random_checkpoint, nano_preset
+
+    checkpoint = create_random_checkpoint(nano_preset(), tmp_path / "model")
+    prompts = save_prompt_set(load_prompt_set("nano-eval")[:2], tmp_path / "two.json", "two")
+    out = tmp_path / "results.json"
+    args = ["run", str(checkpoint), "--prompt-set", str(prompts), "--out", str(out), "--steps", "1",
+            "--guidance", "1", "--video-guidance", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["prompts"] == 2 and len(data["per_prompt"]) == 2 and data["git_revision"]
+    assert set(data["judge_accuracy_real"]) >= {"prompt_set", "accuracy_eval", "accuracy_heldout"}
+    assert 0 <= data["generated"]["total"] <= 1
+    assert "| **total** |" in out.with_suffix(".md").read_text()
+    assert CliRunner().invoke(app, args).exit_code == 1  # no overwrite without --overwrite
