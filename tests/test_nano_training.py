@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from neodragon.models.sentence import SentenceTextEncoder
 from neodragon.pipelines import NeodragonPipeline
-from neodragon.recipes.nano import LatentCache, encode_latents, export_teacher, train_teacher, train_vae
+from neodragon.recipes.nano import (
+    CaptionEncodings,
+    LatentCache,
+    encode_latents,
+    export_teacher,
+    train_teacher,
+    train_vae,
+)
 from neodragon.recipes.training import TrainConfig, read_log
 
 
@@ -80,3 +88,14 @@ def test_two_process_training_smoke(latents, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_log(tmp_path / "ddp")[-1]["step"] == 2
     assert (tmp_path / "ddp" / "final" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_caption_encodings_match_the_text_encoder():
+    text = SentenceTextEncoder.from_source("all-MiniLM-L6-v2", 32)
+    captions = ["a red circle moving to the right", "a tiny blue cross", "a red circle moving to the right"]
+    bank = CaptionEncodings(text, captions, batch_size=2)
+    assert len(bank.row) == 3  # two distinct captions and the empty prompt
+    asked = ["", "a tiny blue cross", "a red circle moving to the right"]
+    cached, direct = bank.encode(asked), text.encode(asked)
+    for key in ("tokens", "mask", "pooled"):
+        torch.testing.assert_close(getattr(cached, key), getattr(direct, key), atol=1e-5, rtol=1e-5)

@@ -222,3 +222,16 @@ def test_vae_with_causal_decoder_round_trip_shapes(tmp_path):
     reloaded = AsymmetricCausalVideoVAE.from_pretrained(tmp_path).eval()
     assert reloaded.config.decoder_type == "causal"
     assert torch.equal(reloaded.decode(z).sample, out)
+
+
+@torch.no_grad()
+def test_zero_norm_groups_builds_an_encoder_without_normalisation(tmp_path):
+    vae = AsymmetricCausalVideoVAE(encoder_out_channels=4, encoder_layers_per_block=(1, 1, 1, 1),
+                                   encoder_block_out_channels=(8, 16, 16, 16), encoder_norm_num_groups=0,
+                                   decoder_num_features=(16, 8, 8, 8)).eval()
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in vae.encoder.modules())
+    assert not any("norm" in key for key in vae.encoder.state_dict())
+    x = torch.rand(1, 3, 9, 16, 16) * 2 - 1
+    mean = vae.encode(x).latent_dist.mean
+    vae.save_pretrained(tmp_path)
+    torch.testing.assert_close(AsymmetricCausalVideoVAE.from_pretrained(tmp_path).encode(x).latent_dist.mean, mean)

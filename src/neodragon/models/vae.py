@@ -74,6 +74,15 @@ class CausalGroupNorm(nn.GroupNorm):
         return x.reshape(b, t, c, h, w).transpose(1, 2)
 
 
+def _norm(num_groups: int, channels: int) -> nn.Module:
+    """Per-frame GroupNorm, or no normalisation for ``num_groups == 0``.
+
+    The nano teacher uses 0: ShapesWorld frames are mostly flat colour, where per-frame statistics come from a
+    few object pixels, and with GroupNorm the VAE stalled at mean-colour reconstructions (docs/results/nano-teacher.md).
+    """
+    return CausalGroupNorm(num_groups, channels, eps=_GN_EPS) if num_groups else nn.Identity()
+
+
 class CausalResnetBlock3D(nn.Module):
     """Pre-activation residual block: GN, act, conv, GN, act, dropout, conv, plus a 1x1x1 shortcut
     when the channel count changes."""
@@ -87,9 +96,9 @@ class CausalResnetBlock3D(nn.Module):
         act_fn: str = "silu",
     ) -> None:
         super().__init__()
-        self.norm1 = CausalGroupNorm(norm_num_groups, in_channels, eps=_GN_EPS)
+        self.norm1 = _norm(norm_num_groups, in_channels)
         self.conv1 = CausalConv3d(in_channels, out_channels, 3)
-        self.norm2 = CausalGroupNorm(norm_num_groups, out_channels, eps=_GN_EPS)
+        self.norm2 = _norm(norm_num_groups, out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = CausalConv3d(out_channels, out_channels, 3)
         self.act = get_activation(act_fn)
@@ -237,7 +246,7 @@ class CausalUNetMidBlock3D(nn.Module):
                     dim_head=channels,
                     rescale_output_factor=1.0,
                     eps=_GN_EPS,
-                    norm_num_groups=norm_num_groups,
+                    norm_num_groups=norm_num_groups or None,
                     residual_connection=True,
                     bias=True,
                     upcast_softmax=True,
@@ -304,7 +313,7 @@ class CausalVideoEncoder(nn.Module):
             prev = ch
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = CausalUNetMidBlock3D(prev, norm_num_groups, act_fn)
-        self.conv_norm_out = CausalGroupNorm(norm_num_groups, prev, eps=_GN_EPS)
+        self.conv_norm_out = _norm(norm_num_groups, prev)
         self.conv_act = get_activation(act_fn)
         self.conv_out = CausalConv3d(prev, 2 * out_channels, 3)
 
@@ -355,7 +364,7 @@ class CausalVideoDecoder(nn.Module):
             )
             prev = ch
         self.up_blocks = nn.ModuleList(blocks)
-        self.conv_norm_out = CausalGroupNorm(norm_num_groups, prev, eps=_GN_EPS)
+        self.conv_norm_out = _norm(norm_num_groups, prev)
         self.conv_act = get_activation(act_fn)
         self.conv_out = CausalConv3d(prev, out_channels, 3)
 

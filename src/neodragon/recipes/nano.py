@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from ..data import sample
 from ..models.mmdit import PyramidMMDiT
 from ..models.sentence import SentenceTextEncoder
+from ..models.text import TextEncoding
 from ..models.vae import AsymmetricCausalVideoVAE
 from ..pipelines.neodragon import SUBFOLDERS, PipelineConfig
 from ..presets import nano_teacher_preset
@@ -134,6 +135,23 @@ class LatentCache:
         return self.latents[rows], [self.captions[i] for i in rows]
 
 
+class CaptionEncodings:
+    """The frozen text encoder's output for every caption of the cache and the empty prompt, computed once:
+    the teacher is small enough that encoding each batch afresh would take as long as its own step."""
+
+    def __init__(self, text: SentenceTextEncoder, captions: list[str], batch_size: int = 256):
+        unique = sorted(set(captions) | {""})
+        self.row = {caption: i for i, caption in enumerate(unique)}
+        with torch.no_grad():
+            parts = [text.encode(unique[i : i + batch_size]) for i in range(0, len(unique), batch_size)]
+        self.tokens, self.mask, self.pooled = (torch.cat([getattr(p, k) for p in parts])
+                                               for k in ("tokens", "mask", "pooled"))
+
+    def encode(self, captions: list[str]) -> TextEncoding:
+        rows = torch.tensor([self.row[c] for c in captions])
+        return TextEncoding(self.tokens[rows], self.mask[rows], self.pooled[rows])
+
+
 # -- DiT ------------------------------------------------------------------------------------------------------
 
 
@@ -142,7 +160,8 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path, recipe: TeacherR
     recipe = recipe or TeacherRecipe()
     preset = nano_teacher_preset()
     cache = LatentCache(latents_dir)
-    text = SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
+    text = CaptionEncodings(SentenceTextEncoder.from_source(preset.text["sentence_encoder"],
+                                                            preset.text["max_sequence_length"]), cache.captions)
     dit, scheduler = PyramidMMDiT(**preset.dit), PyramidFlowMatchScheduler()
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
