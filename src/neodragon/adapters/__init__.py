@@ -4,6 +4,8 @@
 - :mod:`.switching`: ``AdapterSwitcher``, fused-mode switching between SHiRA adapters.
 - :mod:`.foura`: FouRA as the PEFT method ``"foura"`` (registered on import).
 - :mod:`.lora`: PEFT LoRA configs with a SHiRA adapter's parameter count.
+- :mod:`.training`: ``train_adapter``, one style adapter (SHiRA, LoRA or FouRA at an equal budget) on a checkpoint's
+  DiT with pyramidal flow matching (``neodragon adapter train``); ``load_adapter`` attaches a trained one.
 """
 
 from importlib import import_module
@@ -16,6 +18,8 @@ _LAZY = {
     "AdapterSwitcher": "neodragon.adapters.switching",
     **dict.fromkeys(("FouraConfig", "FouraModel", "FouraLinear"), "neodragon.adapters.foura"),
     **dict.fromkeys(("matching_lora_config", "lora_param_count"), "neodragon.adapters.lora"),
+    **dict.fromkeys(("AdapterRecipe", "METHODS", "StyleData", "TrainedAdapter", "encode_style_videos", "load_adapter",
+                     "read_info", "train_adapter"), "neodragon.adapters.training"),
 }
 
 __all__ = sorted(_LAZY)

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -135,11 +136,18 @@ class LatentCache:
         return self.latents[rows], [self.captions[i] for i in rows]
 
 
-class CaptionEncodings:
-    """The frozen text encoder's output for every caption of the cache and the empty prompt, computed once:
-    the teacher is small enough that encoding each batch afresh would take as long as its own step."""
+class CaptionEncoder(Protocol):
+    """Anything that turns prompts into the DiT's text conditioning: a text encoder, or a pipeline's whole text
+    path (``neodragon.adapters.training.PipelineConditioning``)."""
 
-    def __init__(self, text: SentenceTextEncoder, captions: list[str], batch_size: int = 256):
+    def encode(self, prompts: list[str]) -> TextEncoding: ...
+
+
+class CaptionEncodings:
+    """A frozen encoder's output for every caption of the cache and the empty prompt, computed once: the nano
+    DiTs are small enough that encoding each batch afresh would take as long as their own training step."""
+
+    def __init__(self, text: CaptionEncoder, captions: list[str], batch_size: int = 256):
         unique = sorted(set(captions) | {""})
         self.row = {caption: i for i, caption in enumerate(unique)}
         with torch.no_grad():

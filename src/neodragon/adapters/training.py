@@ -1,0 +1,291 @@
+"""Adapter training for personalisation: one SHiRA, LoRA or FouRA adapter on a checkpoint's DiT, learnt with the
+teacher's pyramidal flow matching (``recipes.teacher``) on ShapesWorld videos of one style.
+
+Design choices:
+
+- **Budget.** PEFT's r convention by default, ``r = 1``: SHiRA trains ``r * (in + out)`` entries of each targeted
+  layer, exactly the parameter count of a rank-r LoRA (``matching_lora_config``) and of a rank-r FouRA, so the
+  three methods train the same number of numbers. On the nano DiTs (128 wide) r = 1 is a SHiRA density of 1.2 %
+  (1.6 % of each attention weight, 1.0 % of each feed-forward weight), the 1-2 % of the SHiRA paper. A density
+  budget is accepted too; LoRA then takes the nearest rank per layer and FouRA the single rank nearest to SHiRA's
+  total, which match it only roughly on narrow layers (1 % of a 128 x 128 weight is 0.64 of a rank).
+- **Targets and start.** ``DIT_TARGETS`` for all three; LoRA and FouRA use ``alpha = r`` (scaling 1, SHiRA's
+  convention). Every adapter starts as a no-op (zero values, zero B).
+- **Data.** Items ``0 .. num_videos - 1`` of ShapesWorld's train split rendered in the style at the checkpoint's
+  geometry, encoded once by the checkpoint's VAE (posterior mean) and normalised with its latent constants. The
+  captions describe the content only (the same item's unstyled caption), so the adapter makes the style the
+  model's default look rather than teaching a new word (``style_in_caption`` keeps the style words). Captions
+  are dropped to the empty prompt as in the teacher's recipe, so the unconditional branch of CFG learns the
+  style as well.
+- **Runs** go through ``recipes.training.Trainer``: seeded (masks and initial weights come from the seed) and
+  resumable. The DiT is trained as a copy, so the pipeline passed in is left as it was.
+- **Output.** ``<output>/final/``: ``adapter.json`` (method, style, budget, parameter count) and the weights,
+  ``adapter.safetensors`` (``ShiraAdapter.save``) or PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``.
+  The folder is written beside ``final/`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from ..data import STYLES, sample
+from ..models.text import TextEncoding
+from ..pipelines.neodragon import NeodragonPipeline
+from ..recipes.nano import CaptionEncodings, LatentCache
+from ..recipes.teacher import (
+    TeacherRecipe,
+    drop_captions,
+    flow_matching_loss,
+    normalize_latents,
+    sample_unit_and_stage,
+    step_generator,
+)
+from ..recipes.training import TrainConfig, Trainer, cycle_indices, read_log
+from .foura import FouraConfig
+from .lora import matching_lora_config
+from .shira import MaskSpec, ShiraAdapter, add_shira, build_shira, get_shira, matrix_shape, names_regex
+
+METHODS = ("shira", "lora", "foura")
+FINAL = "final"
+INFO_FILE = "adapter.json"
+SHIRA_FILE = "adapter.safetensors"
+ENCODE_BATCH = 8  # videos per VAE call while encoding the training set
+CALIBRATION_STEPS = 4  # first training batches, whose gradients score the entries of grad / snip masks
+
+
+@dataclass
+class AdapterRecipe:
+    """Which adapter is trained on which videos; the optimisation settings are ``TrainConfig``'s.
+
+    The budget is ``rank`` (``r * (in + out)`` per layer) or ``density`` (SHiRA's fraction of each weight), not
+    both. ``num_frames``, ``height`` and ``width`` default to the checkpoint's generation geometry.
+    """
+
+    method: str = "shira"
+    style: str = "neon"
+    rank: int | None = 1
+    density: float | None = None
+    strategy: str = "random"
+    num_videos: int = 64
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    style_in_caption: bool = False
+    text_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown adapter method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if self.style not in STYLES:
+            raise ValueError(f"Unknown style {self.style!r}; ShapesWorld's styles are {', '.join(STYLES)}.")
+        if self.num_videos < 1:
+            raise ValueError(f"num_videos must be >= 1, got {self.num_videos}.")
+        if self.rank is not None and self.density is not None:
+            raise ValueError("Give the budget as a rank or as a density, not both.")
+        if not 0 <= self.text_dropout < 1:
+            raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}.")
+        self.mask_spec(0)  # budget and strategy errors now, not after the data is encoded
+
+    def mask_spec(self, seed: int) -> MaskSpec:
+        """SHiRA's masks for this budget; their entry count also sizes the LoRA and FouRA ranks."""
+        return MaskSpec(strategy=self.strategy, density=self.density, r=self.rank, seed=seed)
+
+
+class StyleData(LatentCache):
+    """The training set held in memory, not read from shards: normalised latents ``[N, C, T, h, w]`` and the
+    prompts the pipeline would see (``batch`` wraps around as the teacher's cache does)."""
+
+    def __init__(self, latents: torch.Tensor, captions: list[str]):
+        # LatentCache.__init__ is not called: it reads shards from a folder
+        self.latents, self.captions = latents, captions
+
+
+@dataclass
+class TrainedAdapter:
+    """A finished run: the adapter folder, the trained (wrapped) DiT copy and the run's last log record."""
+
+    path: Path
+    model: nn.Module
+    parameters: int
+    record: dict
+
+
+class PipelineConditioning:
+    """The conditioning a pipeline's DiT reads (text stack, then its ContextAdapter when it has one) as a
+    ``TextEncoding``, so that ``CaptionEncodings`` can cache it."""
+
+    def __init__(self, pipe: NeodragonPipeline):
+        self.pipe = pipe
+
+    def encode(self, prompts: list[str]) -> TextEncoding:
+        cond = self.pipe.encode_prompt(list(prompts))
+        return TextEncoding(cond.context, cond.mask, cond.pooled)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _geometry(pipe: NeodragonPipeline, recipe: AdapterRecipe) -> dict[str, int]:
+    cfg = pipe.pipeline_config
+    return {"num_frames": recipe.num_frames or cfg.num_frames, "height": recipe.height or cfg.height,
+            "width": recipe.width or cfg.width}
+
+
+@torch.no_grad()
+def encode_style_videos(pipe: NeodragonPipeline, recipe: AdapterRecipe, seed: int = 0) -> StyleData:
+    """Render the recipe's training videos in its style and encode them once with the pipeline's VAE."""
+    geometry, stats = _geometry(pipe, recipe), asdict(pipe.pipeline_config)
+    latents, captions = [], []
+    for start in range(0, recipe.num_videos, ENCODE_BATCH):
+        indices = range(start, min(start + ENCODE_BATCH, recipe.num_videos))
+        items = [sample("train", i, seed, styles=(recipe.style,), **geometry) for i in indices]
+        videos = torch.stack([item.video for item in items]).to(pipe.vae.device, pipe.vae.dtype)
+        latents.append(normalize_latents(pipe.vae.encode(videos).latent_dist.mean.float().cpu(), stats))
+        if recipe.style_in_caption:
+            captions += [item.caption for item in items]
+        else:  # the same scene and wording without the style phrase (one frame is enough for the caption)
+            captions += [sample("train", i, seed, **{**geometry, "num_frames": 1}).caption for i in indices]
+    modifier = pipe.pipeline_config.prompt_modifier
+    return StyleData(torch.cat(latents), [caption + modifier for caption in captions])
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+
+def foura_rank(masks: ShiraAdapter) -> int:
+    """The single FouRA rank whose ``r * (in + out)`` over the masks' layers is closest to their entry count."""
+    per_rank = sum(sum(matrix_shape(shape)) for shape in masks.shapes.values())
+    return max(1, round(masks.num_params / per_rank))
+
+
+def attach_adapter(dit: nn.Module, method: str, spec: MaskSpec, calibration: dict | None = None) -> nn.Module:
+    """``dit`` with a fresh no-op adapter of ``method`` whose parameters are the only trainable ones.
+
+    ``spec`` sets SHiRA's entries and, through their count, the LoRA and FouRA ranks. ``calibration`` holds the
+    ``loss_fn`` and ``batches`` that ``grad`` / ``snip`` masks are scored with.
+    """
+    if method == "shira":
+        add_shira(dit, build_shira(dit, spec, **(calibration or {})))
+        return dit
+    masks = build_shira(dit, replace(spec, strategy="random"))  # LoRA / FouRA need only the counts
+    if method == "lora":
+        return get_peft_model(dit, matching_lora_config(masks))
+    r = foura_rank(masks)
+    return get_peft_model(dit, FouraConfig(r=r, foura_alpha=r, target_modules=names_regex(masks.shapes)))
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_adapter(model: nn.Module, info: dict, folder: str | Path) -> Path:
+    """Write the adapter of a model from ``attach_adapter`` and ``info`` (``adapter.json``) to ``folder``,
+    atomically: everything is written to a sibling folder that then replaces ``folder``."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        if info["method"] == "shira":
+            get_shira(model, info).save(staging / SHIRA_FILE)
+        else:
+            model.save_pretrained(staging)
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, old)
+            os.replace(staging, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def read_info(folder: str | Path) -> dict:
+    """``adapter.json`` of a trained adapter folder."""
+    path = Path(folder) / INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a trained adapter folder (no {INFO_FILE}); pass the final/ folder "
+                                "written by `neodragon adapter train`.")
+    return json.loads(path.read_text())
+
+
+def load_adapter(dit: nn.Module, folder: str | Path, adapter_name: str = "default") -> nn.Module:
+    """``dit`` with the trained adapter of ``folder`` attached unmerged (frozen), ready for inference."""
+    info = read_info(folder)
+    if info["method"] == "shira":
+        add_shira(dit, ShiraAdapter.load(Path(folder) / SHIRA_FILE), trainable=False)
+        return dit
+    return PeftModel.from_pretrained(dit, str(folder), adapter_name=adapter_name)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _batch_fn(data: StyleData, text: CaptionEncodings, config: TrainConfig, dropout: float, stages: int,
+              device: torch.device) -> Callable[[int, int, int], dict]:
+    def batch_fn(step: int, rank: int, world: int) -> dict:
+        latents, captions = data.batch(cycle_indices(step, rank, world, config.batch_size))
+        generator = step_generator(config.seed, step, rank)
+        encoding = text.encode(drop_captions(captions, dropout, generator)).to(device)
+        unit, stage = sample_unit_and_stage(latents.shape[2], stages, config.seed, step)
+        return {"latents": latents.to(device), "encoding": encoding, "unit": unit, "stage": stage,
+                "generator": generator}
+
+    return batch_fn
+
+
+def train_adapter(pipe: NeodragonPipeline, config: TrainConfig, recipe: AdapterRecipe,
+                  data: StyleData | None = None) -> TrainedAdapter:
+    """Train one adapter on a copy of ``pipe.transformer`` and write it to ``<config.output_dir>/final``.
+
+    ``data`` (from ``encode_style_videos``) lets several runs share one encoded training set.
+    """
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    if data is None:
+        data = encode_style_videos(pipe, recipe, config.seed)
+    text = CaptionEncodings(PipelineConditioning(pipe), data.captions)
+    objective = TeacherRecipe(text_dropout=recipe.text_dropout)
+    batch_fn = _batch_fn(data, text, config, recipe.text_dropout, pipe.scheduler.config.stages, accelerator.device)
+
+    def loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        enc = batch["encoding"]
+        return flow_matching_loss(model, pipe.scheduler, batch["latents"], enc.tokens, enc.mask, enc.pooled,
+                                  batch["unit"], batch["stage"], batch["generator"], objective)
+
+    calibration = None
+    if recipe.method == "shira" and recipe.strategy in ("grad", "snip"):
+        calibration = {"loss_fn": lambda model, batch: loss(model, batch)["loss"],
+                       "batches": [batch_fn(step, 0, 1) for step in range(CALIBRATION_STEPS)]}
+    spec = recipe.mask_spec(config.seed)
+    with torch.random.fork_rng(devices=[]):  # seeded adapter initialisation without touching the caller's RNG
+        torch.manual_seed(config.seed)
+        model = attach_adapter(copy.deepcopy(pipe.transformer).to(accelerator.device), recipe.method, spec,
+                               calibration)
+    parameters = trainable_parameters(model)
+    trainer = Trainer(config, {"dit": model}, batch_fn, lambda batch: loss(trainer.modules["dit"], batch),
+                      accelerator)
+    trainer.resume()
+    trainer.fit()
+    model = trainer.unwrap("dit")
+    final = Path(config.output_dir) / FINAL
+    if accelerator.is_main_process:
+        info = {"method": recipe.method, "style": recipe.style, "parameters": parameters, "steps": trainer.step,
+                "seed": config.seed, "recipe": asdict(recipe)}
+        save_adapter(model, info, final)
+    accelerator.wait_for_everyone()
+    return TrainedAdapter(final, model, parameters, (read_log(config.output_dir) or [{}])[-1])

@@ -1,0 +1,121 @@
+"""Adapter training (SHiRA / LoRA / FouRA) on a random tiny nano-teacher checkpoint: one step, save, load back."""
+
+import copy
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from neodragon.adapters.cli import app
+from neodragon.adapters.training import AdapterRecipe, encode_style_videos, load_adapter, read_info, train_adapter
+from neodragon.pipelines import NeodragonPipeline
+from neodragon.presets import create_random_checkpoint, nano_teacher_preset
+from neodragon.recipes.training import TrainConfig
+
+TINY = dict(num_videos=2, num_frames=9, height=64, width=64)  # 2 latent frames of 8x8: a unit with history
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return create_random_checkpoint(nano_teacher_preset(), tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    return NeodragonPipeline.from_pretrained(checkpoint, mode="monolithic", torch_dtype=torch.float32,
+                                             load_super_resolution=False)
+
+
+@pytest.fixture(scope="module")
+def data(pipe):
+    return encode_style_videos(pipe, AdapterRecipe(style="neon", **TINY))
+
+
+def config(path, steps=1):
+    return TrainConfig(output_dir=str(path), max_steps=steps, batch_size=2, learning_rate=1e-2, warmup_steps=1,
+                       save_every=1, log_every=1)
+
+
+def dit_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(1, 32, dtype=torch.long)
+    mask[:, 10:] = 0
+    return ([[torch.randn(1, 8, 1, 8, 8, generator=g)]], torch.randn(1, 32, 384, generator=g), mask,
+            torch.randn(1, 384, generator=g), torch.tensor([500.0]))
+
+
+def base_name(name: str) -> str:
+    """A wrapped model's parameter name as the plain DiT spells it."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def test_style_data_is_normalised_latents_with_content_captions(pipe, data):
+    assert data.latents.shape == (2, 8, 2, 8, 8) and torch.isfinite(data.latents).all()
+    assert not any(word in caption for caption in data.captions for word in ("neon", "glow"))
+    styled = encode_style_videos(pipe, AdapterRecipe(style="neon", style_in_caption=True, **TINY))
+    assert torch.equal(styled.latents, data.latents)
+    assert all(caption.startswith(plain) or caption.endswith(plain)
+               for plain, caption in zip(data.captions, styled.captions, strict=True))
+
+
+@pytest.mark.parametrize("method", ["shira", "lora", "foura"])
+def test_one_step_trains_only_the_adapter_and_loads_back(method, pipe, data, tmp_path):
+    base = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    run = train_adapter(pipe, config(tmp_path), AdapterRecipe(method=method, style="neon", **TINY), data)
+    assert math.isfinite(run.record["loss"]) and run.record["step"] == 1
+    changed = {base_name(n) for n, p in run.model.named_parameters()
+               if base_name(n) not in base or not torch.equal(p, base[base_name(n)])}
+    trainable = {base_name(n) for n, p in run.model.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable  # only adapter parameters moved, and some did
+    assert trainable.isdisjoint(base)
+    assert all(torch.equal(p, base[n]) for n, p in pipe.transformer.named_parameters())  # the pipeline is untouched
+
+    info = read_info(run.path)
+    assert info["method"] == method and info["style"] == "neon" and info["parameters"] == run.parameters
+    with torch.no_grad():
+        trained = run.model.eval()(*dit_inputs())[0]
+        loaded = load_adapter(copy.deepcopy(pipe.transformer), run.path).eval()(*dit_inputs())[0]
+        plain = pipe.transformer(*dit_inputs())[0]
+    torch.testing.assert_close(loaded, trained, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(trained, plain)
+
+
+def test_the_three_methods_get_the_same_budget(pipe, data, tmp_path):
+    counts = {m: train_adapter(pipe, config(tmp_path / m, steps=0), AdapterRecipe(method=m, rank=2, **TINY),
+                               data).parameters for m in ("shira", "lora", "foura")}
+    assert counts["shira"] == counts["lora"] == counts["foura"] > 0
+    dense = {m: train_adapter(pipe, config(tmp_path / f"d{m}", steps=0),
+                              AdapterRecipe(method=m, rank=None, density=0.05, **TINY), data).parameters
+             for m in ("shira", "lora", "foura")}
+    # a density budget: LoRA's per-layer and FouRA's single nearest rank round each layer's count
+    assert max(dense.values()) / min(dense.values()) < 1.1
+
+
+@pytest.mark.parametrize("option, value, message", [("--style", "sepia", "Unknown style 'sepia'"),
+                                                    ("--method", "dora", "Unknown adapter method 'dora'")])
+def test_cli_rejects_bad_style_and_method(option, value, message, checkpoint, tmp_path):
+    args = {"--style": "neon", "--method": "shira", option: value}
+    result = CliRunner().invoke(app, ["train", str(checkpoint), "-o", str(tmp_path / "run"),
+                                      *[x for kv in args.items() for x in kv]])
+    assert result.exit_code == 1 and message in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_rejects_a_missing_checkpoint(tmp_path):
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "missing"), "--style", "neon", "-o", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "cannot load checkpoint" in " ".join(result.output.split())
+
+
+def test_cli_trains_and_resumes(checkpoint, tmp_path):
+    def train(steps):
+        return CliRunner().invoke(app, ["train", str(checkpoint), "--style", "stripes", "--method", "foura", "-o",
+                                        str(tmp_path), "--steps", str(steps), "--batch-size", "1", "--videos", "1",
+                                        "--num-frames", "1", "--size", "64"])
+
+    result = train(1)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    result = train(2)
+    assert result.exit_code == 0, result.output
+    assert read_info(tmp_path / "final")["steps"] == 2
