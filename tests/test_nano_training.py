@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from neodragon.models.sentence import SentenceTextEncoder
+from neodragon.models.vae import AsymmetricCausalVideoVAE
 from neodragon.pipelines import NeodragonPipeline
 from neodragon.recipes.nano import (
     CaptionEncodings,
@@ -20,6 +21,7 @@ from neodragon.recipes.nano import (
     train_vae,
 )
 from neodragon.recipes.training import TrainConfig, read_log
+from neodragon.recipes.vae import VAELossWeights, vae_losses
 
 
 def config(path, steps, batch_size=1, save_every=1):
@@ -99,3 +101,20 @@ def test_caption_encodings_match_the_text_encoder():
     cached, direct = bank.encode(asked), text.encode(asked)
     for key in ("tokens", "mask", "pooled"):
         torch.testing.assert_close(getattr(cached, key), getattr(direct, key), atol=1e-5, rtol=1e-5)
+
+
+def test_object_weight_emphasises_covered_pixels():
+    torch.manual_seed(0)
+    vae = AsymmetricCausalVideoVAE(encoder_out_channels=4, encoder_layers_per_block=(1, 1, 1, 1),
+                                   encoder_block_out_channels=(8, 8, 8, 8), encoder_norm_num_groups=0,
+                                   decoder_num_features=(8, 8, 8, 8))
+    video, coverage = torch.zeros(1, 3, 1, 16, 16), torch.zeros(1, 1, 1, 16, 16)
+    video[..., :4, :4], coverage[..., :4, :4] = 1, 1  # a bright object: most of the untrained VAE's error
+    plain, weighted = (vae_losses(vae, video, VAELossWeights(objects=w), coverage)["l1"] for w in (0.0, 20.0))
+    with torch.no_grad():
+        error = (vae(video).sample - video).abs().mean(1, keepdim=True)
+    share = (error * coverage).sum() / error.sum()  # the object's share of the unweighted error
+    expected_ratio = (1 + 20 * share) / (1 + 20 * coverage.mean())
+    # the posterior sample differs between the two calls, so compare loosely
+    assert expected_ratio > 2
+    assert weighted.item() / plain.item() == pytest.approx(expected_ratio.item(), rel=0.2)

@@ -355,3 +355,11 @@ def test_preview_writes_a_png_and_the_cli_a_gif(tmp_path):
     assert (tmp_path / "cli.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "cli.gif").read_bytes()[:3] == b"GIF"
     assert runner.invoke(root, args).exit_code == 1  # no silent overwrite
     assert runner.invoke(root, [*args, "--overwrite", "--split", "nope"]).exit_code == 1
+
+
+def test_coverage_marks_the_object_pixels():
+    item = render(one("square", "red", "large"), 0, num_frames=9)
+    assert item.coverage.shape == (9, 128, 128) and item.coverage.min() == 0 and item.coverage.max() == 1
+    inside, mask = item.coverage > 0.99, colour_mask(item.video, "red")
+    assert inside.sum() > 0 and (mask & inside).sum() >= 0.98 * inside.sum()  # covered pixels are the object's
+    assert not (mask & (item.coverage == 0)).any()  # and no object colour outside the coverage

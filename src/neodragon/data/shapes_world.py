@@ -145,11 +145,13 @@ class Labels:
 
 
 class Sample(NamedTuple):
-    """A video [3, T, H, W] in [-1, 1], its caption and its labels."""
+    """A video [3, T, H, W] in [-1, 1], its caption, its labels and the objects' coverage [T, H, W] in [0, 1]
+    (how much of each pixel the objects cover; training losses use it to weigh the few object pixels)."""
 
     video: torch.Tensor
     caption: str
     labels: Labels
+    coverage: torch.Tensor | None = None
 
 
 def _heldout(obj: ObjectSpec) -> bool:
@@ -268,7 +270,8 @@ def render(spec: SceneSpec, seed: int, *, num_frames: int = 17, height: int = 12
                       for o, (x, y) in zip(spec.objects, starts, strict=True)),
         background=BACKGROUNDS.index(spec.background), relation=RELATIONS.index(spec.relation),
         style=STYLES.index(spec.style), heldout=spec.heldout)
-    return Sample(video, make_caption(spec, seed, complete=complete_caption), labels)
+    coverage = torch.from_numpy(np.minimum(alpha, 1.0))
+    return Sample(video, make_caption(spec, seed, complete=complete_caption), labels, coverage)
 
 
 def _trajectory(motion: str, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

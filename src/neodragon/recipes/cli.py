@@ -33,14 +33,16 @@ def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: 
         crop: int = typer.Option(64, "--crop", help="Square training crop of the 128x128 renders (0: none)."),
         kl_weight: float = typer.Option(1e-5, "--kl-weight"),
         edge_weight: float = typer.Option(0.5, "--edge-weight"),
+        object_weight: float = typer.Option(20.0, "--object-weight",
+                                            help="Extra L1 weight of object pixels (their coverage times this)."),
         eval_videos: int = typer.Option(32, "--eval-videos")) -> None:
     """Train the teacher's causal video VAE on ShapesWorld; writes final/ with latent statistics and PSNR."""
     from .nano import train_vae
     from .vae import VAELossWeights
 
     metrics = train_vae(_config(output, steps, batch_size, lr, save_every, seed, 200), num_frames=num_frames,
-                        crop=crop or None, weights=VAELossWeights(edges=edge_weight, kl=kl_weight),
-                        eval_videos=eval_videos)
+                        crop=crop or None, eval_videos=eval_videos,
+                        weights=VAELossWeights(edges=edge_weight, kl=kl_weight, objects=object_weight))
     if metrics:
         typer.echo(json.dumps(metrics, indent=2))
 

@@ -41,12 +41,21 @@ def video_batch(split: str, indices, num_frames: int, size: int, crop: int | Non
                 seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     """Rendered ShapesWorld videos ``[B, 3, T, H, W]`` and captions; an optional square crop at a position
     fixed by the index (translation keeps the objects' scale, and the causal conv VAE is size-agnostic)."""
+    videos, _, captions = clip_batch(split, indices, num_frames, size, crop, seed)
+    return videos, captions
+
+
+def clip_batch(split: str, indices, num_frames: int, size: int, crop: int | None = None,
+               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``video_batch`` plus the objects' coverage ``[B, 1, T, H, W]``, cropped alike."""
     items = [sample(split, i, seed, num_frames=num_frames, height=size, width=size) for i in indices]
     videos = torch.stack([item.video for item in items])
+    coverage = torch.stack([item.coverage for item in items])[:, None]
     if crop is not None and crop < size:
         offsets = [np.random.default_rng([seed, i, 7]).integers(0, size - crop + 1, 2) for i in indices]
-        videos = torch.stack([v[..., y : y + crop, x : x + crop] for v, (y, x) in zip(videos, offsets, strict=True)])
-    return videos, [item.caption for item in items]
+        videos, coverage = (torch.stack([v[..., y : y + crop, x : x + crop] for v, (y, x) in
+                                         zip(tensor, offsets, strict=True)]) for tensor in (videos, coverage))
+    return videos, coverage, [item.caption for item in items]
 
 
 # -- VAE ------------------------------------------------------------------------------------------------------
@@ -59,12 +68,12 @@ def train_vae(config: TrainConfig, num_frames: int = 9, size: int = 128, crop: i
     vae = AsymmetricCausalVideoVAE(**nano_teacher_preset().vae)
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
-        videos, _ = video_batch("train", cycle_indices(step, rank, world, config.batch_size), num_frames, size, crop,
-                                config.seed)
-        return {"video": videos.to(trainer.accelerator.device)}
+        videos, coverage, _ = clip_batch("train", cycle_indices(step, rank, world, config.batch_size), num_frames,
+                                         size, crop, config.seed)
+        return {"video": videos.to(trainer.accelerator.device), "coverage": coverage.to(trainer.accelerator.device)}
 
     trainer = Trainer(config, {"objective": VAEObjective(vae, weights)}, batch_fn,
-                      lambda batch: trainer.modules["objective"](batch["video"]))
+                      lambda batch: trainer.modules["objective"](batch["video"], batch["coverage"]))
     trainer.resume()
     trainer.fit()
     metrics = {}
