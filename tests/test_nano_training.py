@@ -1,6 +1,7 @@
 """One step of each nano trainer, resume, export to a runnable checkpoint, and a 2-process smoke run."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from neodragon.recipes.nano import (
     LatentCache,
     encode_latents,
     export_teacher,
+    start_nearly_deterministic,
     train_teacher,
     train_vae,
 )
@@ -118,3 +120,16 @@ def test_object_weight_emphasises_covered_pixels():
     # the posterior sample differs between the two calls, so compare loosely
     assert expected_ratio > 2
     assert weighted.item() / plain.item() == pytest.approx(expected_ratio.item(), rel=0.2)
+
+
+def test_vae_training_starts_from_a_nearly_deterministic_posterior():
+    vae = AsymmetricCausalVideoVAE(encoder_out_channels=4, encoder_layers_per_block=(1, 1, 1, 1),
+                                   encoder_block_out_channels=(8, 8, 8, 8), encoder_norm_num_groups=0,
+                                   decoder_num_features=(8, 8, 8, 8))
+    x = torch.rand(1, 3, 9, 16, 16) * 2 - 1
+    before = vae.encode(x).latent_dist
+    start_nearly_deterministic(vae)
+    after = vae.encode(x).latent_dist
+    assert before.std.mean() > 0.5
+    torch.testing.assert_close(after.std, torch.full_like(after.std, math.exp(-3.0)), rtol=0.2, atol=0)
+    torch.testing.assert_close(after.mean, before.mean)  # only the log-variance half changes

@@ -61,11 +61,21 @@ def clip_batch(split: str, indices, num_frames: int, size: int, crop: int | None
 # -- VAE ------------------------------------------------------------------------------------------------------
 
 
+def start_nearly_deterministic(vae: AsymmetricCausalVideoVAE, log_variance: float = -6.0) -> None:
+    """Start the posterior at std e^-3 instead of 1. From a unit std the sample is mostly noise, the decoder
+    learns to ignore it and the KL term then pulls the means to zero: the posterior collapsed by step 400
+    with KL weight 1e-3 (docs/results/nano-teacher.md)."""
+    channels = vae.config.encoder_out_channels
+    with torch.no_grad():
+        vae.quant_conv.conv.bias[channels:].fill_(log_variance)
+
+
 def train_vae(config: TrainConfig, num_frames: int = 9, size: int = 128, crop: int | None = 64,
               weights: VAELossWeights | None = None, eval_videos: int = 32) -> dict:
     """Train the teacher VAE, then write ``final/`` with the model, latent statistics and held-out PSNR."""
     weights = weights or VAELossWeights()
     vae = AsymmetricCausalVideoVAE(**nano_teacher_preset().vae)
+    start_nearly_deterministic(vae)
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         videos, coverage, _ = clip_batch("train", cycle_indices(step, rank, world, config.batch_size), num_frames,
