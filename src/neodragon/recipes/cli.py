@@ -31,7 +31,7 @@ def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: 
         save_every: int = SAVE, seed: int = SEED,
         num_frames: int = typer.Option(9, "--num-frames", help="Frames per training clip (1 + 8k)."),
         crop: int = typer.Option(64, "--crop", help="Square training crop of the 128x128 renders (0: none)."),
-        kl_weight: float = typer.Option(1e-3, "--kl-weight"),
+        kl_weight: float = typer.Option(1e-4, "--kl-weight"),
         edge_weight: float = typer.Option(0.5, "--edge-weight"),
         object_weight: float = typer.Option(20.0, "--object-weight",
                                             help="Extra L1 weight of object pixels (their coverage times this)."),

@@ -63,8 +63,7 @@ def clip_batch(split: str, indices, num_frames: int, size: int, crop: int | None
 
 def start_nearly_deterministic(vae: AsymmetricCausalVideoVAE, log_variance: float = -6.0) -> None:
     """Start the posterior at std e^-3 instead of 1. From a unit std the sample is mostly noise, the decoder
-    learns to ignore it and the KL term then pulls the means to zero: the posterior collapsed by step 400
-    with KL weight 1e-3 (docs/results/nano-teacher.md)."""
+    learns to ignore it and the KL term then pulls the means to zero (docs/results/nano-teacher.md)."""
     channels = vae.config.encoder_out_channels
     with torch.no_grad():
         vae.quant_conv.conv.bias[channels:].fill_(log_variance)

@@ -23,9 +23,9 @@ class VAELossWeights:
     """Weights of the VAE objective."""
 
     edges: float = 0.5
-    # Strong enough to keep the latents near unit scale: the TAEHV-style decoder soft-clamps its input to +-3,
-    # and with 1e-5 half of the latent entries drifted past it (information the decoder could not see).
-    kl: float = 1e-3
+    # The TAEHV-style decoder soft-clamps its input to +-3: at 1e-5 half of the latent entries drifted past it
+    # (information the decoder cannot see), at 1e-3 the posterior collapsed; 1e-4 sits between.
+    kl: float = 1e-4
     # Objects cover a few percent of a ShapesWorld frame, yet they carry everything a caption says; unweighted,
     # the VAE learnt the backgrounds and kept the objects as faint grey blobs (docs/results/nano-teacher.md).
     objects: float = 20.0
