@@ -29,9 +29,10 @@ def _config(output: Path, steps: int, batch_size: int, lr: float, save_every: in
 @app.command()
 def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: float = LR,
         save_every: int = SAVE, seed: int = SEED,
-        num_frames: int = typer.Option(9, "--num-frames", help="Frames per training clip (1 + 8k)."),
+        num_frames: int = typer.Option(17, "--num-frames", help="Frames per training clip (1 + 8k)."),
         crop: int = typer.Option(64, "--crop", help="Square training crop of the 128x128 renders (0: none)."),
-        kl_weight: float = typer.Option(1e-4, "--kl-weight"),
+        kl_weight: float = typer.Option(1e-6, "--kl-weight"),
+        latent_l2: float = typer.Option(1e-3, "--latent-l2", help="L2 penalty on the posterior means (their scale)."),
         edge_weight: float = typer.Option(0.5, "--edge-weight"),
         object_weight: float = typer.Option(20.0, "--object-weight",
                                             help="Extra L1 weight of object pixels (their coverage times this)."),
@@ -42,7 +43,8 @@ def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: 
 
     metrics = train_vae(_config(output, steps, batch_size, lr, save_every, seed, 200), num_frames=num_frames,
                         crop=crop or None, eval_videos=eval_videos,
-                        weights=VAELossWeights(edges=edge_weight, kl=kl_weight, objects=object_weight))
+                        weights=VAELossWeights(edges=edge_weight, kl=kl_weight, latent_l2=latent_l2,
+                                               objects=object_weight))
     if metrics:
         typer.echo(json.dumps(metrics, indent=2))
 

@@ -69,7 +69,7 @@ def start_nearly_deterministic(vae: AsymmetricCausalVideoVAE, log_variance: floa
         vae.quant_conv.conv.bias[channels:].fill_(log_variance)
 
 
-def train_vae(config: TrainConfig, num_frames: int = 9, size: int = 128, crop: int | None = 64,
+def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: int | None = 64,
               weights: VAELossWeights | None = None, eval_videos: int = 32) -> dict:
     """Train the teacher VAE, then write ``final/`` with the model, latent statistics and held-out PSNR."""
     weights = weights or VAELossWeights()

@@ -23,9 +23,11 @@ class VAELossWeights:
     """Weights of the VAE objective."""
 
     edges: float = 0.5
-    # The TAEHV-style decoder soft-clamps its input to +-3: at 1e-5 half of the latent entries drifted past it
-    # (information the decoder cannot see), at 1e-3 the posterior collapsed; 1e-4 sits between.
-    kl: float = 1e-4
+    kl: float = 1e-6
+    # The TAEHV-style decoder soft-clamps its input to +-3, so the latent means must stay small. A KL weight
+    # strong enough for that also pulls the posterior std to 1 (at 1e-3 the posterior collapsed, at 1e-4 the
+    # std reached 1.3): an L2 penalty on the means alone keeps their scale without adding noise.
+    latent_l2: float = 1e-3
     # Objects cover a few percent of a ShapesWorld frame, yet they carry everything a caption says; unweighted,
     # the VAE learnt the backgrounds and kept the objects as faint grey blobs (docs/results/nano-teacher.md).
     objects: float = 20.0
@@ -48,8 +50,10 @@ def vae_losses(vae: AsymmetricCausalVideoVAE, video: torch.Tensor, weights: VAEL
                                                       strict=True))
     # Per-element KL to N(0, I); diffusers' .kl() sums over image axes only, which does not fit 5-D latents.
     kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
-    loss = l1 + weights.edges * edges + weights.kl * kl
-    return {"loss": loss, "l1": l1.detach(), "edges": edges.detach(), "kl": kl.detach()}
+    latent_l2 = posterior.mean.square().mean()
+    loss = l1 + weights.edges * edges + weights.kl * kl + weights.latent_l2 * latent_l2
+    return {"loss": loss, "l1": l1.detach(), "edges": edges.detach(), "kl": kl.detach(),
+            "latent_l2": latent_l2.detach()}
 
 
 class VAEObjective(nn.Module):
