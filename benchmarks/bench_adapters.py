@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
@@ -36,9 +34,9 @@ from bench_core import (
     POOLED_DIM,
     REAL_TEXT_TOKENS,
     TEXT_TOKENS,
+    ReportHead,
     build_dit,
     gib,
-    machine_lines,
     report_preamble,
     write_atomic,
 )
@@ -56,11 +54,7 @@ TRAIN_METHODS = ("full", "shira", "lora", "foura", "foura-adaptive")
 
 
 @dataclass
-class Report:
-    argv: str
-    started: datetime
-    header: list[str]
-    load: dict[str, tuple[float, ...]]
+class Report(ReportHead):
     switch: dict[int, list[str]] = field(default_factory=dict)
     forward: list[str] = field(default_factory=list)
     official_notes: list[str] = field(default_factory=list)
@@ -452,8 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         memory_worker(args)
         return
 
-    report = Report(argv="python " + shlex.join(sys.argv), started=datetime.now(timezone.utc),
-                    header=machine_lines(), load={"start": os.getloadavg()})
+    report = Report()
 
     def save(finished: bool = False) -> None:
         write_atomic(args.out, render(report, args, finished))

@@ -64,11 +64,17 @@ class UnitTiming:
 
 
 @dataclass
-class Report:
-    argv: str
-    started: datetime
-    header: list[str]
-    load: dict[str, tuple[float, ...]]
+class ReportHead:
+    """The head of every benchmark report, filled in when a run starts: command, start time, machine, load."""
+
+    argv: str = field(default_factory=lambda: "python " + shlex.join(sys.argv))
+    started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    header: list[str] = field(default_factory=lambda: machine_lines())
+    load: dict[str, tuple[float, ...]] = field(default_factory=lambda: {"start": os.getloadavg()})
+
+
+@dataclass
+class Report(ReportHead):
     params: int = 0
     buffer_elems: int = 0
     build_s: float = 0.0
@@ -387,8 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--repeats must be >= 1")
     diffusers_logging.set_verbosity_error()  # silence the "cast with .to()" advisory on the bf16 cast
 
-    report = Report(argv="python " + shlex.join(sys.argv), started=datetime.now(timezone.utc),
-                    header=machine_lines(), load={"start": os.getloadavg()}, repeats=args.repeats)
+    report = Report(repeats=args.repeats)
     scheduler = PyramidFlowMatchScheduler()
     report.tokens = {u: unit_tokens(scheduler, u) for u in ALL_UNITS}
 

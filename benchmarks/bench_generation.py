@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -24,11 +22,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_core import machine_lines, report_preamble, write_atomic
+from bench_core import ReportHead, report_preamble, write_atomic
 
 COMPONENTS = ("text_encoder", "context_adapter", "transformer", "vae_decoder", "super_resolution")
 PROMPT = "a red circle moving to the right"
@@ -118,11 +115,7 @@ def measure(model: str, repeats: int, threads: int, super_resolution: bool) -> d
 
 
 @dataclass
-class Report:
-    argv: str
-    started: datetime
-    header: list[str]
-    load: dict[str, tuple[float, ...]]
+class Report(ReportHead):
     rows: list[dict] = field(default_factory=list)
 
 
@@ -153,8 +146,7 @@ def render(report: Report, finished: bool) -> str:
 
 
 def run_all(args: argparse.Namespace) -> None:
-    report = Report(argv="python " + shlex.join(sys.argv), started=datetime.now(timezone.utc),
-                    header=machine_lines(), load={"start": os.getloadavg()})
+    report = Report()
     save: Callable[[bool], None] = lambda finished: write_atomic(args.out, render(report, finished))  # noqa: E731
     for model in args.models:
         with tempfile.TemporaryDirectory() as tmp:

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_core import machine_lines, report_preamble, write_atomic
+from bench_core import ReportHead, report_preamble, write_atomic
 from diffusers.utils import logging as diffusers_logging
 
 from neodragon.adapters.shira import ShiraAdapter, fuse_adapters
@@ -75,11 +73,7 @@ class Judged:
 
 
 @dataclass
-class Report:
-    argv: str
-    started: datetime
-    header: list[str]
-    load: dict[str, tuple[float, ...]]
+class Report(ReportHead):
     training: list[str] = field(default_factory=list)
     judged: dict[str, Judged] = field(default_factory=dict)  # "base", "<method> <style>[+<style>]"
     params: dict[str, int] = field(default_factory=dict)
@@ -273,8 +267,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     diffusers_logging.set_verbosity_error()
-    report = Report(argv="python " + shlex.join(sys.argv), started=datetime.now(timezone.utc),
-                    header=machine_lines(), load={"start": os.getloadavg()})
+    report = Report()
     entries = load_prompt_set("nano-eval")[: args.prompts]
 
     def save(finished: bool = False) -> None:

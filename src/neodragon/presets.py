@@ -9,7 +9,6 @@ from __future__ import annotations
 import tempfile
 import warnings
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from .models.text import TextEncoderBundle, tiny_text_bundle
 from .models.vae import AsymmetricCausalVideoVAE
 from .pipelines.neodragon import SUBFOLDERS, ModeDefaults, NeodragonPipeline, PipelineConfig
 from .schedulers import PyramidFlowMatchScheduler
+from .utils.checkpoint import package_weights
 
 # The nano tokenizers' vocabulary: every word of ShapesWorld's captions, plus the prompt-modifier words.
 NANO_VOCAB = (*caption_vocabulary(), *"hyper quality ultra hd 8k cinematic realistic textures high detail".split())
@@ -172,7 +172,7 @@ PRESETS = {"nano": nano_preset, "nano-teacher": nano_teacher_preset, "official-r
 
 def bundled_weights(name: str = "nano") -> Path | None:
     """The checkpoint folder shipped inside the package, if its weights have been trained and bundled."""
-    folder = Path(str(resources.files("neodragon"))) / "weights" / name
+    folder = package_weights(name)
     return folder if (folder / SUBFOLDERS["vae"]).is_dir() else None
 
 

@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -43,16 +42,12 @@ from torch import nn
 from ..data import STYLES, sample
 from ..models.text import TextEncoding
 from ..pipelines.neodragon import NeodragonPipeline
-from ..recipes.nano import CaptionEncodings, LatentCache
+from ..recipes.nano import CaptionEncodings, LatentCache, batch_flow_matching_loss, flow_matching_batches
 from ..recipes.teacher import (
     TeacherRecipe,
-    drop_captions,
-    flow_matching_loss,
     normalize_latents,
-    sample_unit_and_stage,
-    step_generator,
 )
-from ..recipes.training import TrainConfig, Trainer, cycle_indices, read_log
+from ..recipes.training import TrainConfig, Trainer, read_log
 from .foura import FouraConfig
 from .lora import matching_lora_config
 from .shira import MaskSpec, ShiraAdapter, add_shira, build_shira, get_shira, matrix_shape, names_regex
@@ -236,19 +231,6 @@ def load_adapter(dit: nn.Module, folder: str | Path, adapter_name: str = "defaul
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _batch_fn(data: StyleData, text: CaptionEncodings, config: TrainConfig, dropout: float, stages: int,
-              device: torch.device) -> Callable[[int, int, int], dict]:
-    def batch_fn(step: int, rank: int, world: int) -> dict:
-        latents, captions = data.batch(cycle_indices(step, rank, world, config.batch_size))
-        generator = step_generator(config.seed, step, rank)
-        encoding = text.encode(drop_captions(captions, dropout, generator)).to(device)
-        unit, stage = sample_unit_and_stage(latents.shape[2], stages, config.seed, step)
-        return {"latents": latents.to(device), "encoding": encoding, "unit": unit, "stage": stage,
-                "generator": generator}
-
-    return batch_fn
-
-
 def train_adapter(pipe: NeodragonPipeline, config: TrainConfig, recipe: AdapterRecipe,
                   data: StyleData | None = None) -> TrainedAdapter:
     """Train one adapter on a copy of ``pipe.transformer`` and write it to ``<config.output_dir>/final``.
@@ -260,12 +242,11 @@ def train_adapter(pipe: NeodragonPipeline, config: TrainConfig, recipe: AdapterR
         data = encode_style_videos(pipe, recipe, config.seed)
     text = CaptionEncodings(PipelineConditioning(pipe), data.captions)
     objective = TeacherRecipe(text_dropout=recipe.text_dropout)
-    batch_fn = _batch_fn(data, text, config, recipe.text_dropout, pipe.scheduler.config.stages, accelerator.device)
+    batch_fn = flow_matching_batches(data, text, config, recipe.text_dropout, pipe.scheduler.config.stages,
+                                     accelerator.device)
 
     def loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        enc = batch["encoding"]
-        return flow_matching_loss(model, pipe.scheduler, batch["latents"], enc.tokens, enc.mask, enc.pooled,
-                                  batch["unit"], batch["stage"], batch["generator"], objective)
+        return batch_flow_matching_loss(model, pipe.scheduler, batch, objective)
 
     calibration = None
     if recipe.method == "shira" and recipe.strategy in ("grad", "snip"):

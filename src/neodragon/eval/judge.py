@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data import BACKGROUNDS, COLOURS, MOTIONS, RELATIONS, SHAPES, SIZES, STYLES, collate, sample
 from ..recipes.training import TrainConfig, Trainer, cycle_indices
+from ..utils.checkpoint import package_weights
 
 OBJECT_ATTRIBUTES = ("shape", "colour", "size", "motion")
 SLOT_RELATIONS = ("none", "left_of", "above")  # slot 0 <relation> slot 1
@@ -335,15 +336,9 @@ def export_judge(judge: Judge, folder: str | Path) -> Path:
     return Path(folder)
 
 
-def bundled_judge_path() -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("neodragon"))) / "weights" / "judge"
-
-
 def load_judge(path: str | Path | None = None) -> Judge:
     """A judge folder (default: the bundled one), in float32 and eval mode."""
-    folder = Path(path) if path is not None else bundled_judge_path()
+    folder = Path(path) if path is not None else package_weights("judge")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no judge in {folder}: train one with `neodragon eval train-judge`")
     return Judge.from_pretrained(folder, torch_dtype=torch.float32).eval()

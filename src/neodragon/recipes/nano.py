@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Protocol
@@ -14,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..data import sample
 from ..models.mmdit import PyramidMMDiT
@@ -181,6 +183,30 @@ class CaptionEncodings:
 # -- DiT ------------------------------------------------------------------------------------------------------
 
 
+def flow_matching_batches(cache: LatentCache, text: CaptionEncodings, config: TrainConfig, text_dropout: float,
+                          stages: int, device: torch.device | str = "cpu") -> Callable[[int, int, int], dict]:
+    """``batch_fn(step, rank, world)`` of a pyramidal flow-matching run (the teacher, adapters): latents, encoded
+    captions after dropout, and the step's unit, stage and generator, all a pure function of (step, rank)."""
+
+    def batch_fn(step: int, rank: int, world: int) -> dict:
+        latents, captions = cache.batch(cycle_indices(step, rank, world, config.batch_size))
+        generator = step_generator(config.seed, step, rank)
+        encoding = text.encode(drop_captions(captions, text_dropout, generator)).to(device)
+        unit, stage = sample_unit_and_stage(latents.shape[2], stages, config.seed, step)
+        return {"latents": latents.to(device), "encoding": encoding, "unit": unit, "stage": stage,
+                "generator": generator}
+
+    return batch_fn
+
+
+def batch_flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchScheduler, batch: dict,
+                             recipe: TeacherRecipe) -> dict[str, torch.Tensor]:
+    """``flow_matching_loss`` on a batch of ``flow_matching_batches``."""
+    enc = batch["encoding"]
+    return flow_matching_loss(dit, scheduler, batch["latents"], enc.tokens, enc.mask, enc.pooled, batch["unit"],
+                              batch["stage"], batch["generator"], recipe)
+
+
 def train_teacher(config: TrainConfig, latents_dir: str | Path, recipe: TeacherRecipe | None = None) -> None:
     """Pyramidal flow matching of the nano teacher DiT on cached latents, text from the frozen MiniLM."""
     recipe = recipe or TeacherRecipe()
@@ -190,19 +216,9 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path, recipe: TeacherR
                                                             preset.text["max_sequence_length"]), cache.captions)
     dit, scheduler = PyramidMMDiT(**preset.dit), PyramidFlowMatchScheduler()
 
-    def batch_fn(step: int, rank: int, world: int) -> dict:
-        latents, captions = cache.batch(cycle_indices(step, rank, world, config.batch_size))
-        generator = step_generator(config.seed, step, rank)
-        encoding = text.encode(drop_captions(captions, recipe.text_dropout, generator))
-        unit, stage = sample_unit_and_stage(latents.shape[2], scheduler.config.stages, config.seed, step)
-        return {"latents": latents, "encoding": encoding, "unit": unit, "stage": stage, "generator": generator}
-
-    def loss_fn(batch: dict) -> dict:
-        enc = batch["encoding"]
-        return flow_matching_loss(trainer.modules["dit"], scheduler, batch["latents"], enc.tokens, enc.mask,
-                                  enc.pooled, batch["unit"], batch["stage"], batch["generator"], recipe)
-
-    trainer = Trainer(config, {"dit": dit}, batch_fn, loss_fn)
+    trainer = Trainer(config, {"dit": dit}, flow_matching_batches(cache, text, config, recipe.text_dropout,
+                                                                  scheduler.config.stages),
+                      lambda batch: batch_flow_matching_loss(trainer.modules["dit"], scheduler, batch, recipe))
     trainer.resume()
     trainer.fit()
     if trainer.accelerator.is_main_process:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from safetensors import safe_open
@@ -12,6 +13,11 @@ from safetensors import safe_open
 # Files that mark a component folder, with the class to report when the file does not name one.
 CONFIG_FILES = {"config.json": None, "scheduler_config.json": None, "tokenizer_config.json": None,
                 "sentence_encoder.json": "SentenceTextEncoder"}
+
+
+def package_weights(name: str) -> Path:
+    """The folder ``weights/<name>`` shipped inside the package (it may not exist)."""
+    return Path(str(resources.files("neodragon"))) / "weights" / name
 
 
 @dataclass
