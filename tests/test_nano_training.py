@@ -17,7 +17,9 @@ from neodragon.recipes.nano import (
     CaptionEncodings,
     LatentCache,
     encode_latents,
+    clip_batch,
     export_teacher,
+    object_crop_offset,
     start_nearly_deterministic,
     train_teacher,
     train_vae,
@@ -55,6 +57,28 @@ def test_vae_resume_continues_from_checkpoint(vae_run):
     run, _ = vae_run
     train_vae(config(run, 2), num_frames=9, crop=32, eval_videos=1)
     assert [r["step"] for r in read_log(run)] == [1, 2]
+
+
+def test_training_crops_hold_the_objects():
+    coverage = torch.zeros(5, 128, 128)
+    coverage[:, 100:110, 4:14] = 1
+    for seed in range(5):
+        y, x = object_crop_offset(coverage, 48, np.random.default_rng(seed))
+        assert 0 <= y <= 80 and 0 <= x <= 80
+        assert coverage[:, y : y + 48, x : x + 48].sum() == coverage.sum()  # the whole object is inside
+    _, cropped, _ = clip_batch("train", range(8), 9, 128, crop=48)
+    assert cropped.shape[-2:] == (48, 48) and all(c.sum() > 0 for c in cropped)
+
+
+def test_decoder_finetune_keeps_the_latent_space(vae_run, tmp_path):
+    start = AsymmetricCausalVideoVAE.from_pretrained(vae_run[0] / "final")
+    train_vae(config(tmp_path, 1), num_frames=9, crop=32, eval_videos=1, init_from=vae_run[0] / "final",
+              freeze_encoder=True)
+    tuned = AsymmetricCausalVideoVAE.from_pretrained(tmp_path / "final")
+    before, after = start.state_dict(), tuned.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
 
 
 def test_latent_cache_is_normalised_and_resumable(latents, vae_run):

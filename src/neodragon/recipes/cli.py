@@ -34,15 +34,19 @@ def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: 
         kl_weight: float = typer.Option(1e-6, "--kl-weight"),
         latent_l2: float = typer.Option(1e-3, "--latent-l2", help="L2 penalty on the posterior means (their scale)."),
         edge_weight: float = typer.Option(0.5, "--edge-weight"),
-        object_weight: float = typer.Option(20.0, "--object-weight",
+        object_weight: float = typer.Option(3.0, "--object-weight",
                                             help="Extra L1 weight of object pixels (their coverage times this)."),
-        eval_videos: int = typer.Option(32, "--eval-videos")) -> None:
+        eval_videos: int = typer.Option(32, "--eval-videos"),
+        init_from: Path = typer.Option(None, "--init-from", help="Start from a trained VAE folder (a final/)."),
+        freeze_encoder: bool = typer.Option(False, "--freeze-encoder",
+                                            help="Train the decoder only: the latent space stays as it is.")) -> None:
     """Train the teacher's causal video VAE on ShapesWorld; writes final/ with latent statistics and PSNR."""
     from .nano import train_vae
     from .vae import VAELossWeights
 
     metrics = train_vae(_config(output, steps, batch_size, lr, save_every, seed, 200), num_frames=num_frames,
-                        crop=crop or None, eval_videos=eval_videos,
+                        crop=crop or None, eval_videos=eval_videos, init_from=init_from,
+                        freeze_encoder=freeze_encoder,
                         weights=VAELossWeights(edges=edge_weight, kl=kl_weight, latent_l2=latent_l2,
                                                objects=object_weight))
     if metrics:

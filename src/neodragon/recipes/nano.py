@@ -41,23 +41,43 @@ SHARD = 256  # latents per cache file
 
 def video_batch(split: str, indices, num_frames: int, size: int, crop: int | None = None,
                 seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """Rendered ShapesWorld videos ``[B, 3, T, H, W]`` and captions; an optional square crop at a position
-    fixed by the index (translation keeps the objects' scale, and the causal conv VAE is size-agnostic)."""
+    """Rendered ShapesWorld videos ``[B, 3, T, H, W]`` and captions, optionally cropped (see ``clip_batch``)."""
     videos, _, captions = clip_batch(split, indices, num_frames, size, crop, seed)
     return videos, captions
 
 
 def clip_batch(split: str, indices, num_frames: int, size: int, crop: int | None = None,
                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``video_batch`` plus the objects' coverage ``[B, 1, T, H, W]``, cropped alike."""
+    """``video_batch`` plus the objects' coverage ``[B, 1, T, H, W]``, cropped alike.
+
+    A crop is square and placed around the objects' mean position (jittered by up to a quarter of the crop,
+    fixed by the index): a crop at a uniform position misses the objects more often than not, and the VAE then
+    learns the backgrounds only. Translation keeps the objects' scale, and the causal conv VAE is size-agnostic.
+    """
     items = [sample(split, i, seed, num_frames=num_frames, height=size, width=size) for i in indices]
     videos = torch.stack([item.video for item in items])
     coverage = torch.stack([item.coverage for item in items])[:, None]
     if crop is not None and crop < size:
-        offsets = [np.random.default_rng([seed, i, 7]).integers(0, size - crop + 1, 2) for i in indices]
+        offsets = [object_crop_offset(item.coverage, crop, np.random.default_rng([seed, i, 7]))
+                   for item, i in zip(items, indices, strict=True)]
         videos, coverage = (torch.stack([v[..., y : y + crop, x : x + crop] for v, (y, x) in
                                          zip(tensor, offsets, strict=True)]) for tensor in (videos, coverage))
     return videos, coverage, [item.caption for item in items]
+
+
+def object_crop_offset(coverage: torch.Tensor, crop: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a ``crop`` square around the centroid of ``coverage`` [T, H, W], jittered."""
+    height, width = coverage.shape[-2:]
+    mass = coverage.sum(0).double()
+    total = float(mass.sum())
+    if total > 0:
+        centre = [float((mass.sum(1 - axis) * torch.arange(n)).sum()) / total
+                  for axis, n in ((0, height), (1, width))]
+    else:
+        centre = [height / 2, width / 2]
+    jitter = rng.integers(-(crop // 4), crop // 4 + 1, 2)
+    return tuple(int(np.clip(round(c - crop / 2) + j, 0, n - crop))
+                 for c, j, n in zip(centre, jitter, (height, width), strict=True))
 
 
 # -- VAE ------------------------------------------------------------------------------------------------------
@@ -72,11 +92,22 @@ def start_nearly_deterministic(vae: AsymmetricCausalVideoVAE, log_variance: floa
 
 
 def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: int | None = 64,
-              weights: VAELossWeights | None = None, eval_videos: int = 32) -> dict:
-    """Train the teacher VAE, then write ``final/`` with the model, latent statistics and held-out PSNR."""
+              weights: VAELossWeights | None = None, eval_videos: int = 32, init_from: str | Path | None = None,
+              freeze_encoder: bool = False) -> dict:
+    """Train the teacher VAE, then write ``final/`` with the model, latent statistics and held-out PSNR.
+
+    ``init_from`` starts from a trained VAE folder; with ``freeze_encoder`` only the decoder side trains, so the
+    latent space (and any latent cache or DiT built on it) stays valid while the reconstructions improve.
+    """
     weights = weights or VAELossWeights()
-    vae = AsymmetricCausalVideoVAE(**nano_teacher_preset().vae)
-    start_nearly_deterministic(vae)
+    if init_from is not None:
+        vae = AsymmetricCausalVideoVAE.from_pretrained(init_from)
+    else:
+        vae = AsymmetricCausalVideoVAE(**nano_teacher_preset().vae)
+        start_nearly_deterministic(vae)
+    if freeze_encoder:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         videos, coverage, _ = clip_batch("train", cycle_indices(step, rank, world, config.batch_size), num_frames,

@@ -30,7 +30,7 @@ class VAELossWeights:
     latent_l2: float = 1e-3
     # Objects cover a few percent of a ShapesWorld frame, yet they carry everything a caption says; unweighted,
     # the VAE learnt the backgrounds and kept the objects as faint grey blobs (docs/results/nano-teacher.md).
-    objects: float = 20.0
+    objects: float = 3.0
 
 
 def finite_differences(video: torch.Tensor) -> list[torch.Tensor]:
