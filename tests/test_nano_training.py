@@ -16,8 +16,8 @@ from neodragon.pipelines import NeodragonPipeline
 from neodragon.recipes.nano import (
     CaptionEncodings,
     LatentCache,
-    encode_latents,
     clip_batch,
+    encode_latents,
     export_teacher,
     object_crop_offset,
     start_nearly_deterministic,
