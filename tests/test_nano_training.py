@@ -50,6 +50,8 @@ def test_vae_step_writes_final_model_and_statistics(vae_run):
     assert (run / "final" / "diffusion_pytorch_model.safetensors").is_file()
     stats = json.loads((run / "final" / "latent_stats.json").read_text())
     assert stats["image_latent_scale"] > 0 and np.isfinite(metrics["eval_psnr_db"])
+    judged = metrics["judge_accuracy"]
+    assert judged["real"]["colour"] == 1.0 and 0 <= judged["reconstructed"]["colour"] <= 1
     assert read_log(run)[-1]["step"] == 1
 
 

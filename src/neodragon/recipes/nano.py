@@ -34,7 +34,14 @@ from .teacher import (
     step_generator,
 )
 from .training import TrainConfig, Trainer, cycle_indices
-from .vae import VAELossWeights, VAEObjective, latent_statistics, reconstruction_psnr, save_latent_statistics
+from .vae import (
+    VAELossWeights,
+    VAEObjective,
+    judged_reconstructions,
+    latent_statistics,
+    reconstruction_psnr,
+    save_latent_statistics,
+)
 
 SHARD = 256  # latents per cache file
 
@@ -123,7 +130,8 @@ def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: 
         model = trainer.unwrap("objective").vae.eval()
         videos, _ = video_batch("eval", range(eval_videos), 17, size, seed=config.seed)
         stats = latent_statistics(model, videos)
-        metrics = {"eval_psnr_db": reconstruction_psnr(model, videos), "eval_videos": eval_videos, **stats}
+        metrics = {"eval_psnr_db": reconstruction_psnr(model, videos), "eval_videos": eval_videos, **stats,
+                   "judge_accuracy": judged_reconstructions(model, eval_videos, config.seed)}
         final = Path(config.output_dir) / "final"
         model.save_pretrained(final)
         save_latent_statistics(stats, final)

@@ -87,11 +87,28 @@ def latent_statistics(vae: AsymmetricCausalVideoVAE, videos: torch.Tensor) -> di
 
 
 @torch.no_grad()
+def reconstruct(vae: AsymmetricCausalVideoVAE, videos: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """Mean-latent reconstructions (deterministic), clamped to [-1, 1]."""
+    return torch.cat([vae.decode(vae.encode(chunk).latent_dist.mean).sample.clamp(-1, 1)
+                      for chunk in videos.split(batch_size)])
+
+
 def reconstruction_psnr(vae: AsymmetricCausalVideoVAE, videos: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean PSNR of mean-latent reconstructions (deterministic)."""
-    scores = [psnr(chunk, vae.decode(vae.encode(chunk).latent_dist.mean).sample)
-              for chunk in videos.split(batch_size)]
-    return torch.cat(scores).mean().item()
+    """Mean PSNR of mean-latent reconstructions."""
+    return psnr(videos, reconstruct(vae, videos, batch_size)).mean().item()
+
+
+def judged_reconstructions(vae: AsymmetricCausalVideoVAE, count: int = 32, seed: int = 0) -> dict[str, dict]:
+    """VBench-nano's judge on ``count`` held-out ``eval`` videos and on their reconstructions, each scored
+    against the true labels: PSNR says how close the pixels are, this says whether the caption survived."""
+    from ..eval.judge import load_judge, real_videos, scene_dict
+    from ..eval.metrics import accuracy_table
+
+    judge = load_judge()
+    videos, labels = real_videos("eval", range(count), seed=seed)
+    truth = [scene_dict(labels, i) for i in range(count)]
+    return {name: accuracy_table(judge.predict(clip)[0], truth)
+            for name, clip in (("real", videos), ("reconstructed", reconstruct(vae, videos)))}
 
 
 def save_latent_statistics(stats: dict[str, float], folder: str | Path) -> None:
