@@ -23,6 +23,7 @@ from neodragon.recipes.nano import (
     start_nearly_deterministic,
     train_teacher,
     train_vae,
+    variance_preserving_init,
 )
 from neodragon.recipes.training import TrainConfig, read_log
 from neodragon.recipes.vae import VAELossWeights, vae_losses
@@ -59,6 +60,31 @@ def test_vae_resume_continues_from_checkpoint(vae_run):
     run, _ = vae_run
     train_vae(config(run, 2), num_frames=9, crop=32, eval_videos=1)
     assert [r["step"] for r in read_log(run)] == [1, 2]
+
+
+def test_variance_preserving_init_keeps_colour_visible():
+    """With the default init the no-norm VAE barely depends on its input, and colour is never learnt."""
+    torch.manual_seed(0)
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    swapped = video[:, [2, 1, 0]]  # red <-> blue
+
+    def colour_sensitivity(vae):
+        with torch.no_grad():
+            z, z_swapped = (vae.encode(v).latent_dist.mean for v in (video, swapped))
+            latents = torch.randn(2, 8, 2, 4, 4)
+            out = vae.decode(latents).sample
+        return (z - z_swapped).abs().mean() / z.abs().mean(), (out[0] - out[1]).abs().mean()
+
+    vae = AsymmetricCausalVideoVAE(encoder_out_channels=8, encoder_layers_per_block=[1, 1, 1, 1],
+                                   encoder_block_out_channels=[16, 32, 64, 64], encoder_norm_num_groups=0,
+                                   decoder_num_features=[48, 32, 24, 24])
+    default_encoder, default_decoder = colour_sensitivity(vae)
+    variance_preserving_init(vae)
+    start_nearly_deterministic(vae)
+    encoder, decoder = colour_sensitivity(vae)
+    assert encoder > 0.1 and encoder > 10 * default_encoder
+    assert decoder > 0.05 and decoder > 10 * default_decoder
+    assert torch.allclose(vae.encode(video).latent_dist.std, torch.tensor(math.exp(-3.0)))
 
 
 def test_training_crops_hold_the_objects():

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -21,7 +22,7 @@ from ..data import sample
 from ..models.mmdit import PyramidMMDiT
 from ..models.sentence import SentenceTextEncoder
 from ..models.text import TextEncoding
-from ..models.vae import AsymmetricCausalVideoVAE
+from ..models.vae import AsymmetricCausalVideoVAE, CausalResnetBlock3D, MemBlock
 from ..pipelines.neodragon import SUBFOLDERS, PipelineConfig
 from ..presets import nano_teacher_preset
 from ..schedulers import PyramidFlowMatchScheduler
@@ -98,6 +99,34 @@ def start_nearly_deterministic(vae: AsymmetricCausalVideoVAE, log_variance: floa
         vae.quant_conv.conv.bias[channels:].fill_(log_variance)
 
 
+def variance_preserving_init(vae: AsymmetricCausalVideoVAE) -> None:
+    """He-initialise the convs (gain 1 in the SiLU encoder and for the decoder's output conv, ReLU gain inside
+    the decoder) and start each residual branch (encoder resnets and attention, decoder MemBlocks) at zero, so
+    that every block begins as its skip path; the posterior's log-variance starts input-independent.
+
+    Without normalisation, PyTorch's default conv init shrinks the signal at every layer: at init the nano
+    encoder's output changed by 6e-5 between a red and a cyan input, and the decoder's output by 8e-4 between
+    two random latents. Luminance was learnt eventually, colour never (docs/results/nano-teacher.md).
+    """
+    convs = [(m, "linear") for m in [*vae.encoder.modules(), *vae.quant_conv.modules(),
+                                      *vae.post_quant_conv.modules()] if isinstance(m, nn.Conv3d)]
+    convs += [(m, "relu") for m in vae.decoder.modules() if isinstance(m, nn.Conv2d)]
+    convs[-1] = (convs[-1][0], "linear")  # the decoder's output conv
+    for conv, nonlinearity in convs:
+        nn.init.kaiming_normal_(conv.weight, nonlinearity=nonlinearity)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+    branch_ends = [m.conv2.conv for m in vae.encoder.modules() if isinstance(m, CausalResnetBlock3D)]
+    branch_ends += [m.to_out[0] for m in vae.encoder.modules() if isinstance(m, Attention)]
+    branch_ends += [m.conv[-1] for m in vae.decoder.modules() if isinstance(m, MemBlock)]
+    for layer in branch_ends:
+        nn.init.zeros_(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+    with torch.no_grad():
+        vae.quant_conv.conv.weight[vae.config.encoder_out_channels :].zero_()
+
+
 def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: int | None = 64,
               weights: VAELossWeights | None = None, eval_videos: int = 32, init_from: str | Path | None = None,
               freeze_encoder: bool = False) -> dict:
@@ -111,6 +140,7 @@ def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: 
         vae = AsymmetricCausalVideoVAE.from_pretrained(init_from)
     else:
         vae = AsymmetricCausalVideoVAE(**nano_teacher_preset().vae)
+        variance_preserving_init(vae)
         start_nearly_deterministic(vae)
     if freeze_encoder:
         vae.encoder.requires_grad_(False)
