@@ -91,9 +91,9 @@ def object_crop_offset(coverage: torch.Tensor, crop: int, rng: np.random.Generat
 # -- VAE ------------------------------------------------------------------------------------------------------
 
 
-def start_nearly_deterministic(vae: AsymmetricCausalVideoVAE, log_variance: float = -6.0) -> None:
-    """Start the posterior at std e^-3 instead of 1. From a unit std the sample is mostly noise, the decoder
-    learns to ignore it and the KL term then pulls the means to zero (docs/results/nano-teacher.md)."""
+def start_nearly_deterministic(vae: AsymmetricCausalVideoVAE, log_variance: float = -10.0) -> None:
+    """Start the posterior at std e^-5 instead of 1. When the noise is larger than the latent means (about 0.03
+    at init), the decoder learns to ignore the latent and outputs the mean colour (docs/results/nano-teacher.md)."""
     channels = vae.config.encoder_out_channels
     with torch.no_grad():
         vae.quant_conv.conv.bias[channels:].fill_(log_variance)
