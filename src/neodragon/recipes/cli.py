@@ -34,6 +34,7 @@ def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: 
         kl_weight: float = typer.Option(1e-6, "--kl-weight"),
         latent_l2: float = typer.Option(1e-3, "--latent-l2", help="L2 penalty on the posterior means (their scale)."),
         edge_weight: float = typer.Option(0.5, "--edge-weight"),
+        mse_weight: float = typer.Option(2.0, "--mse-weight", help="Weight of the (object-weighted) MSE term."),
         object_weight: float = typer.Option(3.0, "--object-weight",
                                             help="Extra L1 weight of object pixels (their coverage times this)."),
         eval_videos: int = typer.Option(32, "--eval-videos"),
@@ -47,7 +48,7 @@ def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: 
     metrics = train_vae(_config(output, steps, batch_size, lr, save_every, seed, 200), num_frames=num_frames,
                         crop=crop or None, eval_videos=eval_videos, init_from=init_from,
                         freeze_encoder=freeze_encoder,
-                        weights=VAELossWeights(edges=edge_weight, kl=kl_weight, latent_l2=latent_l2,
+                        weights=VAELossWeights(edges=edge_weight, mse=mse_weight, kl=kl_weight, latent_l2=latent_l2,
                                                objects=object_weight))
     if metrics:
         typer.echo(json.dumps(metrics, indent=2))

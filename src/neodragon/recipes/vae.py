@@ -23,6 +23,9 @@ class VAELossWeights:
     """Weights of the VAE objective."""
 
     edges: float = 0.5
+    # L1 alone left a freshly initialised VAE at a constant output for longer (9.9 dB after 200 steps against
+    # 16.0 dB with this term, docs/results/nano-teacher.md): its gradient grows with the error.
+    mse: float = 2.0
     kl: float = 1e-6
     # The TAEHV-style decoder soft-clamps its input to +-3, so the latent means must stay small. A KL weight
     # strong enough for that also pulls the posterior std to 1 (at 1e-3 the posterior collapsed, at 1e-4 the
@@ -40,19 +43,20 @@ def finite_differences(video: torch.Tensor) -> list[torch.Tensor]:
 
 def vae_losses(vae: AsymmetricCausalVideoVAE, video: torch.Tensor, weights: VAELossWeights,
                coverage: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Reconstruct ``video`` through a posterior sample and score it; the L1 term weighs each pixel by
+    """Reconstruct ``video`` through a posterior sample and score it; the L1 and MSE terms weigh each pixel by
     ``1 + weights.objects * coverage`` (normalised to a weighted mean) when the objects' coverage is given."""
     posterior = vae.encode(video).latent_dist
     recon = vae.decode(posterior.sample()).sample
     pixel_weight = 1 + weights.objects * coverage if coverage is not None else torch.ones_like(video[:, :1])
     l1 = ((recon - video).abs() * pixel_weight).mean() / pixel_weight.mean()
+    mse = ((recon - video).square() * pixel_weight).mean() / pixel_weight.mean()
     edges = sum((a - b).abs().mean() for a, b in zip(finite_differences(recon), finite_differences(video),
                                                       strict=True))
     # Per-element KL to N(0, I); diffusers' .kl() sums over image axes only, which does not fit 5-D latents.
     kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
     latent_l2 = posterior.mean.square().mean()
-    loss = l1 + weights.edges * edges + weights.kl * kl + weights.latent_l2 * latent_l2
-    return {"loss": loss, "l1": l1.detach(), "edges": edges.detach(), "kl": kl.detach(),
+    loss = l1 + weights.mse * mse + weights.edges * edges + weights.kl * kl + weights.latent_l2 * latent_l2
+    return {"loss": loss, "l1": l1.detach(), "mse": mse.detach(), "edges": edges.detach(), "kl": kl.detach(),
             "latent_l2": latent_l2.detach()}
 
 
