@@ -48,8 +48,9 @@ def vae_losses(vae: AsymmetricCausalVideoVAE, video: torch.Tensor, weights: VAEL
     posterior = vae.encode(video).latent_dist
     recon = vae.decode(posterior.sample()).sample
     pixel_weight = 1 + weights.objects * coverage if coverage is not None else torch.ones_like(video[:, :1])
-    l1 = ((recon - video).abs() * pixel_weight).mean() / pixel_weight.mean()
-    mse = ((recon - video).square() * pixel_weight).mean() / pixel_weight.mean()
+    error, total_weight = recon - video, pixel_weight.mean()
+    l1 = (error.abs() * pixel_weight).mean() / total_weight
+    mse = (error.square() * pixel_weight).mean() / total_weight
     edges = sum((a - b).abs().mean() for a, b in zip(finite_differences(recon), finite_differences(video),
                                                       strict=True))
     # Per-element KL to N(0, I); diffusers' .kl() sums over image axes only, which does not fit 5-D latents.
