@@ -1,0 +1,41 @@
+"""The trained nano teacher that ships in the package: present, small, fp16, and the default model."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from neodragon.presets import bundled_weights, load_pipeline
+
+BUDGET_BYTES = 25 * 2**20
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Path:
+    folder = bundled_weights("nano")
+    assert folder is not None, "the trained nano weights must be bundled in src/neodragon/weights/nano"
+    return folder
+
+
+def test_bundle_is_small_fp16_safetensors(bundle):
+    files = [p for p in bundle.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= BUDGET_BYTES
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert weights and not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    for path in weights:
+        assert {tensor.dtype for tensor in load_file(str(path)).values()} == {torch.float16}, path
+
+
+def test_default_model_is_the_bundled_teacher(bundle):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_pipeline("nano")
+    assert not [w for w in caught if "random" in str(w.message)], "fell back to random weights"
+    assert pipe.mode == "monolithic" and pipe.context_adapter is None
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    video = pipe("a red circle moving to the right", generator=generator, num_inference_steps=1,
+                 video_num_inference_steps=1, output_type="pt").frames
+    assert video.shape == (1, 3, 17, 128, 128) and torch.isfinite(video).all()
