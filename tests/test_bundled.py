@@ -38,4 +38,4 @@ def test_default_model_is_the_bundled_teacher(bundle):
     generator = torch.Generator().manual_seed(0)
     video = pipe("a red circle moving to the right", generator=generator, num_inference_steps=1,
                  video_num_inference_steps=1, output_type="pt").frames
-    assert video.shape == (1, 3, 17, 128, 128) and torch.isfinite(video).all()
+    assert video.shape == (1, 17, 3, 128, 128) and torch.isfinite(video).all()
