@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from neodragon.models.vae import AsymmetricCausalVideoVAE
 from neodragon.presets import nano_teacher_preset
-from neodragon.recipes.nano import clip_batch, start_nearly_deterministic, variance_preserving_init, video_batch
+from neodragon.recipes.nano import clip_batch, initial_teacher_vae, video_batch
 
 SECTIONS = ("sensitivity", "encoder", "probe")
 INITS = ("default", "variance-preserving")
@@ -35,11 +35,9 @@ INITS = ("default", "variance-preserving")
 
 def build_vae(init: str, seed: int = 0) -> AsymmetricCausalVideoVAE:
     torch.manual_seed(seed)
-    vae = AsymmetricCausalVideoVAE(**nano_teacher_preset().vae)
     if init == "variance-preserving":
-        variance_preserving_init(vae)
-        start_nearly_deterministic(vae)
-    return vae
+        return initial_teacher_vae()
+    return AsymmetricCausalVideoVAE(**nano_teacher_preset().vae)
 
 
 def load_vae(path: Path) -> AsymmetricCausalVideoVAE:

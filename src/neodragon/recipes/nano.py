@@ -127,6 +127,14 @@ def variance_preserving_init(vae: AsymmetricCausalVideoVAE) -> None:
         vae.quant_conv.conv.weight[vae.config.encoder_out_channels :].zero_()
 
 
+def initial_teacher_vae() -> AsymmetricCausalVideoVAE:
+    """The nano teacher VAE as ``train_vae`` starts it: variance-preserving init, nearly deterministic posterior."""
+    vae = AsymmetricCausalVideoVAE(**nano_teacher_preset().vae)
+    variance_preserving_init(vae)
+    start_nearly_deterministic(vae)
+    return vae
+
+
 def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: int | None = 64,
               weights: VAELossWeights | None = None, eval_videos: int = 32, init_from: str | Path | None = None,
               freeze_encoder: bool = False) -> dict:
@@ -136,12 +144,7 @@ def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: 
     latent space (and any latent cache or DiT built on it) stays valid while the reconstructions improve.
     """
     weights = weights or VAELossWeights()
-    if init_from is not None:
-        vae = AsymmetricCausalVideoVAE.from_pretrained(init_from)
-    else:
-        vae = AsymmetricCausalVideoVAE(**nano_teacher_preset().vae)
-        variance_preserving_init(vae)
-        start_nearly_deterministic(vae)
+    vae = AsymmetricCausalVideoVAE.from_pretrained(init_from) if init_from is not None else initial_teacher_vae()
     if freeze_encoder:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
