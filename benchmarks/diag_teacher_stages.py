@@ -1,0 +1,266 @@
+"""Where the nano teacher DiT loses its objects: per-stage errors on object and background latents, sampling
+started from the true lower stage, and short stage-2 training runs of wider DiT variants.
+
+Run from the repository root (sections are independent; ``errors`` and ``forced`` need a trained DiT):
+
+    python benchmarks/diag_teacher_stages.py --dit /work/runs/teacher/final --latents /work/runs/latents \
+        --sections errors forced --figure docs/results/teacher-stages.png
+    python benchmarks/diag_teacher_stages.py --latents /work/runs/latents --sections capacity --capacity-steps 600
+    python benchmarks/diag_teacher_stages.py --dit /work/runs/teacher/final --latents /work/runs/latents \
+        --sections weighting --object-weights 0 10
+
+Sections:
+- ``errors``: the flow-matching velocity error of frame 0 (the unit without history) at every pyramid stage and
+  three points of the stage window, split into latent pixels that an object covers and background pixels, on
+  training latents with their own captions, and the whole loss with the captions against the empty prompt.
+- ``forced``: frame 0 sampled as the pipeline does (8 Euler steps per stage, guidance 5), but starting at stage k
+  from the true stage-(k-1) latent of a training video, upsampled and noised as in training: which stage loses
+  the object. The figure shows real, then starts at stage 0, 1 and 2, for each video.
+- ``capacity``: stage-2 flow matching of frame 0 from scratch for DiT variants (JSON overrides of the nano-teacher
+  DiT config), on the cache's videos except the evaluation ones: object and background error after N steps.
+- ``weighting``: the trained DiT fine-tuned at stage 2 with the squared error weighted up on object pixels (the
+  VAE's ``--object-weight`` idea applied to flow matching): does the DiT then use the caption for object detail?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_core import ReportHead, report_preamble, write_atomic
+from PIL import Image
+from safetensors.torch import load_file
+
+from neodragon import load_pipeline
+from neodragon.models.mmdit import PyramidMMDiT
+from neodragon.pipelines.neodragon import NeodragonPipeline
+from neodragon.presets import nano_teacher_preset
+from neodragon.recipes.nano import CaptionEncodings, LatentCache, clip_batch
+from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss
+from neodragon.schedulers.pyramid_flow import _resize_frames
+
+SECTIONS = ("errors", "forced", "capacity", "weighting")
+TAUS = (0.9, 0.5, 0.1)
+DEFAULT_VARIANTS = ('{}', '{"patch_size": 1}', '{"num_layers": 8, "num_attention_heads": 6}')
+
+
+def load_dit(path: Path) -> PyramidMMDiT:
+    """A ``train teacher`` final/ folder, or one of its Accelerate checkpoints (``model.safetensors``)."""
+    if (path / "config.json").is_file():
+        return PyramidMMDiT.from_pretrained(path).float().eval()
+    dit = PyramidMMDiT(**nano_teacher_preset().dit)
+    dit.load_state_dict(load_file(str(path / "model.safetensors")))
+    return dit.eval()
+
+
+def object_masks(count: int, stages: int = 3) -> list[torch.Tensor]:
+    """Per stage (lowest first), which frame-0 latent pixels of the first ``count`` training videos an object
+    covers (more than 5% of the 8 x 8 pixel block, then max-pooled to the stage's resolution)."""
+    _, coverage, _ = clip_batch("train", range(count), 17, 128)
+    full = F.avg_pool2d(coverage[:, :, 0], 8) > 0.05
+    return [F.max_pool2d(full.float(), 2 ** (stages - 1 - s)).bool() for s in range(stages)]
+
+
+def velocity_errors(dit: PyramidMMDiT, pipe: NeodragonPipeline, latents: torch.Tensor, context, masks,
+                    stage: int, tau: float) -> tuple[float, float]:
+    """Mean squared velocity error on object and background pixels of frame 0 at (stage, tau)."""
+    scheduler = pipe.scheduler
+    index = int((scheduler.sigmas_per_stage[stage] - tau).abs().argmin())
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(stage))
+    noisy, target, timestep = scheduler.training_target(latents, noise, stage, index)
+    with torch.no_grad():
+        prediction = dit([[noisy]], context.context, context.mask, context.pooled, timestep)[0]
+    error = (prediction - target).square().mean(1)[:, 0]
+    mask = masks[stage][:, 0]
+    return error[mask].mean().item(), error[~mask].mean().item()
+
+
+def errors_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, count: int) -> list[str]:
+    latents, captions = cache.batch(range(count))
+    frame0, masks = latents[:, :, :1].float(), object_masks(count)
+    cond, empty = pipe.encode_prompt(captions), pipe.encode_prompt([""] * count)
+    rows = [f"{count} training videos, frame 0; object pixels are {masks[-1].float().mean():.1%} of the latent.", "",
+            "| stage | tau | object error | background error | ratio |", "|---:|---:|---:|---:|---:|"]
+    for stage in range(3):
+        for tau in TAUS:
+            obj, bg = velocity_errors(dit, pipe, frame0, cond, masks, stage, tau)
+            rows.append(f"| {stage} | {tau} | {obj:.3f} | {bg:.3f} | {obj / bg:.1f}x |")
+    rows += ["", "Whole-frame loss (uniform timesteps) with the captions and with the empty prompt:", "",
+             "| stage | captions | empty prompt |", "|---:|---:|---:|"]
+    for stage in range(3):
+        losses = []
+        for text in (cond, empty):
+            generator = torch.Generator().manual_seed(stage)
+            with torch.no_grad():
+                losses.append(flow_matching_loss(dit, pipe.scheduler, latents.float(), text.context, text.mask,
+                                                 text.pooled, 0, stage, generator, TeacherRecipe())["loss"].item())
+        rows.append(f"| {stage} | {losses[0]:.4f} | {losses[1]:.4f} |")
+    return rows
+
+
+def sample_from_stage(dit: PyramidMMDiT, pipe: NeodragonPipeline, frame0: torch.Tensor, text, first_stage: int,
+                      generator: torch.Generator, steps: int = 8, guidance: float = 5.0) -> torch.Tensor:
+    """Frame 0 sampled like the pipeline, starting at ``first_stage`` from the true lower-stage latent."""
+    scheduler = pipe.scheduler
+    clean = scheduler.latent_pyramid(frame0)
+    noise = scheduler.noise_pyramid(torch.randn(frame0.shape, generator=generator))[first_stage]
+    if first_stage == 0:
+        latents = noise
+    else:
+        lower, start = clean[first_stage - 1], scheduler.start_sigmas[first_stage]
+        up = _resize_frames(lower, (lower.shape[-2] * 2, lower.shape[-1] * 2), "nearest")
+        latents = start * noise + (1 - start) * up
+    for stage in range(first_stage, scheduler.config.stages):
+        if stage > first_stage:
+            latents = scheduler.upsample_and_renoise(latents, stage, generator=generator)
+        sigmas = scheduler.stage_sigmas(steps, stage)
+        for i, timestep in enumerate(scheduler.stage_timesteps(steps, stage)):
+            with torch.no_grad():
+                velocity = dit([[torch.cat([latents, latents])]], text.context, text.mask, text.pooled,
+                               timestep.expand(2 * latents.shape[0]))[0]
+            uncond, cond = velocity.chunk(2)
+            latents = scheduler.step(uncond + guidance * (cond - uncond), sigmas[i], sigmas[i + 1], latents)
+    return latents
+
+
+def forced_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, count: int,
+                figure: Path | None) -> list[str]:
+    latents, captions = cache.batch(range(count))
+    frame0, mask = latents[:, :, :1].float(), object_masks(count)[-1]
+    text = pipe.encode_prompt([""] * count).cat(pipe.encode_prompt(captions))
+    rows = [f"{count} training videos, frame 0, 8 steps per stage, guidance 5; error against the real latent.", "",
+            "| sampling starts at | object-pixel MSE | background MSE |", "|---|---:|---:|"]
+    samples = []
+    for first_stage in range(pipe.scheduler.config.stages):
+        sample = sample_from_stage(dit, pipe, frame0, text, first_stage, torch.Generator().manual_seed(first_stage))
+        error = (sample - frame0).square().mean(1)[:, 0]
+        source = "noise (the pipeline)" if first_stage == 0 else f"stage {first_stage}, true stage-{first_stage - 1}"
+        rows.append(f"| {source} | {error[mask[:, 0]].mean():.3f} | {error[~mask[:, 0]].mean():.3f} |")
+        samples.append(sample)
+    if figure is not None:
+        save_figure(pipe, [frame0, *samples], figure)
+        rows += ["", f"Figure: [{figure.name}]({figure.name}) (rows: videos; columns: real, starts at stage 0, 1, 2)."]
+    return rows
+
+
+def save_figure(pipe: NeodragonPipeline, frames: list[torch.Tensor], path: Path) -> None:
+    with torch.no_grad():
+        images = [pipe.decode_latents(torch.cat([f, f, f], dim=2))[:, :, 0].clamp(-1, 1) for f in frames]
+    grid = torch.cat([torch.cat([image[i] for image in images], 2) for i in range(images[0].shape[0])], 1)
+    Image.fromarray(grid.add(1).mul(127.5).byte().permute(1, 2, 0).numpy()).save(path)
+
+
+def train_frame0_stage2(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, text: CaptionEncodings,
+                        rows: range, steps: int, lr: float, object_weight: float = 0.0) -> float:
+    """Stage-2 flow matching of frame 0 on cache ``rows``, the squared error weighted ``1 + object_weight *
+    coverage`` per latent pixel (normalised to a weighted mean); returns seconds per step."""
+    coverage = None
+    if object_weight:
+        _, pixels, _ = clip_batch("train", rows, 17, 128)
+        coverage = F.avg_pool2d(pixels[:, :, 0], 8).unsqueeze(2)
+    optimizer = torch.optim.AdamW(dit.train().parameters(), lr=lr, weight_decay=0.0)
+    generator, start = torch.Generator().manual_seed(0), time.perf_counter()
+    for _ in range(steps):
+        picks = torch.randint(len(rows), (16,), generator=generator)
+        latents, captions = cache.batch([rows[i] for i in picks.tolist()])
+        latents, enc = latents[:, :, :1].float(), text.encode(captions)
+        noise = torch.randn(latents.shape, generator=generator)
+        noisy, target, timestep = pipe.scheduler.training_target(latents, noise, 2, torch.randint(
+            pipe.scheduler.config.num_train_timesteps, (16,), generator=generator))
+        error = (dit([[noisy]], enc.tokens, enc.mask, enc.pooled, timestep)[0] - target).square()
+        weight = torch.ones_like(error[:, :1]) if coverage is None else 1 + object_weight * coverage[picks]
+        loss = (error * weight).mean() / weight.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        optimizer.step()
+    dit.eval()
+    return (time.perf_counter() - start) / steps
+
+
+def capacity_rows(pipe: NeodragonPipeline, cache: LatentCache, variants: list[str], steps: int, count: int,
+                  lr: float) -> list[str]:
+    text = CaptionEncodings(pipe.text_encoder, cache.captions)
+    eval_latents, eval_captions = cache.batch(range(count))
+    eval_text, masks = pipe.encode_prompt(eval_captions), object_masks(count)
+    rows = [f"Stage-2 flow matching of frame 0 from scratch, batch 16, lr {lr}, {steps} steps on videos {count}+;"
+            f" errors on videos 0-{count - 1} at tau 0.5.", "",
+            "| variant | parameters | s / step | object error | background error |", "|---|---:|---:|---:|---:|"]
+    for variant in variants:
+        torch.manual_seed(0)
+        dit = PyramidMMDiT(**{**nano_teacher_preset().dit, **json.loads(variant)})
+        seconds = train_frame0_stage2(dit, pipe, cache, text, range(count, len(cache)), steps, lr)
+        obj, bg = velocity_errors(dit, pipe, eval_latents[:, :, :1].float(), eval_text, masks, 2, 0.5)
+        params = sum(p.numel() for p in dit.parameters()) / 1e6
+        rows.append(f"| `{variant}` | {params:.2f} M | {seconds:.2f} | {obj:.3f} | {bg:.3f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def weighting_rows(dit_path: Path, pipe: NeodragonPipeline, cache: LatentCache, weights: list[float], steps: int,
+                   count: int, lr: float) -> list[str]:
+    text = CaptionEncodings(pipe.text_encoder, cache.captions)
+    eval_latents, eval_captions = cache.batch(range(count))
+    frame0, masks = eval_latents[:, :, :1].float(), object_masks(count)
+    cond, empty = pipe.encode_prompt(eval_captions), pipe.encode_prompt([""] * count)
+    rows = [f"The trained DiT fine-tuned at stage 2 (frame 0) for {steps} steps, batch 16, lr {lr}, on videos "
+            f"{count}-{count + 1023}, errors at tau 0.5 on videos 0-{count - 1} with their captions / the empty "
+            "prompt.", "", "| object weight | object error | background error | object error, empty prompt |",
+            "|---:|---:|---:|---:|"]
+    for weight in weights:
+        dit = load_dit(dit_path)
+        train_frame0_stage2(dit, pipe, cache, text, range(count, count + 1024), steps, lr, weight)
+        obj, bg = velocity_errors(dit, pipe, frame0, cond, masks, 2, 0.5)
+        obj_empty, _ = velocity_errors(dit, pipe, frame0, empty, masks, 2, 0.5)
+        rows.append(f"| {weight:g} | {obj:.3f} | {bg:.3f} | {obj_empty:.3f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=["errors", "forced"])
+    parser.add_argument("--dit", type=Path, help="A trained teacher DiT: final/ or a checkpoint folder.")
+    parser.add_argument("--latents", type=Path, required=True, help="The `train encode-latents` folder.")
+    parser.add_argument("--model", default="nano", help="Text stack, scheduler and VAE decoder to use.")
+    parser.add_argument("--count", type=int, default=48, help="Training videos to measure on.")
+    parser.add_argument("--figure", type=Path, help="Where `forced` writes its figure (PNG).")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--capacity-steps", type=int, default=600)
+    parser.add_argument("--object-weights", nargs="+", type=float, default=[0.0, 10.0])
+    parser.add_argument("--weighting-steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=5e-4, help="Learning rate of the capacity runs.")
+    parser.add_argument("--weighting-lr", type=float, default=2e-4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("docs/results/teacher-stages.md"))
+    args = parser.parse_args()
+    if {"errors", "forced", "weighting"} & set(args.sections) and args.dit is None:
+        parser.error("--sections errors/forced/weighting need --dit (a train teacher final/ or checkpoint folder)")
+    torch.set_num_threads(args.threads)
+    pipe, cache = load_pipeline(args.model, torch_dtype=torch.float32), LatentCache(args.latents)
+    dit = load_dit(args.dit) if args.dit else None
+    body: list[str] = []
+    for section in args.sections:
+        print(f"running {section} ...", flush=True)
+        rows = {
+            "errors": lambda: errors_rows(dit, pipe, cache, args.count),
+            "forced": lambda: forced_rows(dit, pipe, cache, args.count, args.figure),
+            "capacity": lambda: capacity_rows(pipe, cache, args.variants, args.capacity_steps, args.count, args.lr),
+            "weighting": lambda: weighting_rows(args.dit, pipe, cache, args.object_weights, args.weighting_steps,
+                                                args.count, args.weighting_lr),
+        }[section]()
+        title = f"{section} ({args.dit})" if section != "capacity" else section
+        body += ["", f"## {title}", "", *rows]
+        print("\n".join(rows), flush=True)
+    head = report_preamble("Nano teacher DiT: per-stage diagnosis (CPU)", ReportHead(), True,
+                           "other jobs may share the cores")
+    write_atomic(args.out, "\n".join([*head, *body]) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
