@@ -241,6 +241,7 @@ def main() -> None:
     if {"errors", "forced", "weighting"} & set(args.sections) and args.dit is None:
         parser.error("--sections errors/forced/weighting need --dit (a train teacher final/ or checkpoint folder)")
     torch.set_num_threads(args.threads)
+    report = ReportHead()
     pipe, cache = load_pipeline(args.model, torch_dtype=torch.float32), LatentCache(args.latents)
     dit = load_dit(args.dit) if args.dit else None
     body: list[str] = []
@@ -256,7 +257,7 @@ def main() -> None:
         title = f"{section} ({args.dit})" if section != "capacity" else section
         body += ["", f"## {title}", "", *rows]
         print("\n".join(rows), flush=True)
-    head = report_preamble("Nano teacher DiT: per-stage diagnosis (CPU)", ReportHead(), True,
+    head = report_preamble("Nano teacher DiT: per-stage diagnosis (CPU)", report, True,
                            "other jobs may share the cores")
     write_atomic(args.out, "\n".join([*head, *body]) + "\n")
     print(f"wrote {args.out}")
