@@ -45,6 +45,7 @@ from neodragon.schedulers.pyramid_flow import _resize_frames
 
 SECTIONS = ("errors", "forced", "capacity", "weighting")
 TAUS = (0.9, 0.5, 0.1)
+FIGURE_ROWS = 8  # videos shown in the `forced` figure
 DEFAULT_VARIANTS = ('{}', '{"patch_size": 1}', '{"num_layers": 8, "num_attention_heads": 6}')
 
 
@@ -143,13 +144,14 @@ def forced_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, 
         samples.append(sample)
     if figure is not None:
         save_figure(pipe, [frame0, *samples], figure)
-        rows += ["", f"Figure: [{figure.name}]({figure.name}) (rows: videos; columns: real, starts at stage 0, 1, 2)."]
+        rows += ["", f"Figure: [{figure.name}]({figure.name}) (rows: the first {FIGURE_ROWS} videos; columns: real, "
+                 "then sampling started at stage 0, 1 and 2)."]
     return rows
 
 
 def save_figure(pipe: NeodragonPipeline, frames: list[torch.Tensor], path: Path) -> None:
     with torch.no_grad():
-        images = [pipe.decode_latents(torch.cat([f, f, f], dim=2))[:, :, 0].clamp(-1, 1) for f in frames]
+        images = [pipe.decode_latents(torch.cat([f, f, f], dim=2)[:FIGURE_ROWS])[:, :, 0].clamp(-1, 1) for f in frames]
     grid = torch.cat([torch.cat([image[i] for image in images], 2) for i in range(images[0].shape[0])], 1)
     Image.fromarray(grid.add(1).mul(127.5).byte().permute(1, 2, 0).numpy()).save(path)
 
