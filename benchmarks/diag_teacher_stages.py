@@ -41,7 +41,6 @@ from neodragon.pipelines.neodragon import NeodragonPipeline
 from neodragon.presets import nano_teacher_preset
 from neodragon.recipes.nano import CaptionEncodings, LatentCache, clip_batch
 from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss
-from neodragon.schedulers.pyramid_flow import _resize_frames
 
 SECTIONS = ("errors", "forced", "capacity", "weighting")
 TAUS = (0.9, 0.5, 0.1)
@@ -113,7 +112,7 @@ def sample_from_stage(dit: PyramidMMDiT, pipe: NeodragonPipeline, frame0: torch.
         latents = noise
     else:
         lower, start = clean[first_stage - 1], scheduler.start_sigmas[first_stage]
-        up = _resize_frames(lower, (lower.shape[-2] * 2, lower.shape[-1] * 2), "nearest")
+        up = F.interpolate(lower[:, :, 0], scale_factor=2, mode="nearest").unsqueeze(2)  # one frame
         latents = start * noise + (1 - start) * up
     for stage in range(first_stage, scheduler.config.stages):
         if stage > first_stage:
