@@ -102,9 +102,10 @@ def errors_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, 
     return rows
 
 
-def sample_from_stage(dit: PyramidMMDiT, pipe: NeodragonPipeline, frame0: torch.Tensor, text, first_stage: int,
+def sample_from_stage(pipe: NeodragonPipeline, frame0: torch.Tensor, text, first_stage: int,
                       generator: torch.Generator, steps: int = 8, guidance: float = 5.0) -> torch.Tensor:
-    """Frame 0 sampled like the pipeline, starting at ``first_stage`` from the true lower-stage latent."""
+    """Frame 0 sampled by the pipeline's own sampler, starting at ``first_stage`` from the true lower-stage
+    latent (``text`` holds the unconditional and the conditional half)."""
     scheduler = pipe.scheduler
     clean = scheduler.latent_pyramid(frame0)
     noise = scheduler.noise_pyramid(torch.randn(frame0.shape, generator=generator))[first_stage]
@@ -114,20 +115,11 @@ def sample_from_stage(dit: PyramidMMDiT, pipe: NeodragonPipeline, frame0: torch.
         lower, start = clean[first_stage - 1], scheduler.start_sigmas[first_stage]
         up = F.interpolate(lower[:, :, 0], scale_factor=2, mode="nearest").unsqueeze(2)  # one frame
         latents = start * noise + (1 - start) * up
-    for stage in range(first_stage, scheduler.config.stages):
-        if stage > first_stage:
-            latents = scheduler.upsample_and_renoise(latents, stage, generator=generator)
-        sigmas = scheduler.stage_sigmas(steps, stage)
-        for i, timestep in enumerate(scheduler.stage_timesteps(steps, stage)):
-            with torch.no_grad():
-                velocity = dit([[torch.cat([latents, latents])]], text.context, text.mask, text.pooled,
-                               timestep.expand(2 * latents.shape[0]))[0]
-            uncond, cond = velocity.chunk(2)
-            latents = scheduler.step(uncond + guidance * (cond - uncond), sigmas[i], sigmas[i + 1], latents)
-    return latents
+    return pipe.sample_unit(latents, None, text, [steps] * scheduler.config.stages, guidance, generator,
+                            first_stage=first_stage)
 
 
-def forced_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, count: int,
+def forced_rows(pipe: NeodragonPipeline, cache: LatentCache, count: int,
                 figure: Path | None) -> list[str]:
     latents, captions = cache.batch(range(count))
     frame0, mask = latents[:, :, :1].float(), object_masks(count)[-1]
@@ -136,7 +128,7 @@ def forced_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, 
             "| sampling starts at | object-pixel MSE | background MSE |", "|---|---:|---:|"]
     samples = []
     for first_stage in range(pipe.scheduler.config.stages):
-        sample = sample_from_stage(dit, pipe, frame0, text, first_stage, torch.Generator().manual_seed(first_stage))
+        sample = sample_from_stage(pipe, frame0, text, first_stage, torch.Generator().manual_seed(first_stage))
         error = (sample - frame0).square().mean(1)[:, 0]
         source = "noise (the pipeline)" if first_stage == 0 else f"stage {first_stage}, true stage-{first_stage - 1}"
         rows.append(f"| {source} | {error[mask[:, 0]].mean():.3f} | {error[~mask[:, 0]].mean():.3f} |")
@@ -245,12 +237,14 @@ def main() -> None:
     report = ReportHead()
     pipe, cache = load_pipeline(args.model, torch_dtype=torch.float32), LatentCache(args.latents)
     dit = load_dit(args.dit) if args.dit else None
+    if dit is not None:
+        pipe.transformer = dit  # the pipeline's sampler runs the DiT under study
     body: list[str] = []
     for section in args.sections:
         print(f"running {section} ...", flush=True)
         rows = {
             "errors": lambda: errors_rows(dit, pipe, cache, args.count),
-            "forced": lambda: forced_rows(dit, pipe, cache, args.count, args.figure),
+            "forced": lambda: forced_rows(pipe, cache, args.count, args.figure),
             "capacity": lambda: capacity_rows(pipe, cache, args.variants, args.capacity_steps, args.count, args.lr),
             "weighting": lambda: weighting_rows(args.dit, pipe, cache, args.object_weights, args.weighting_steps,
                                                 args.count, args.weighting_lr),

@@ -324,11 +324,16 @@ class NeodragonPipeline(DiffusionPipeline):
 
     def sample_unit(self, latents: torch.Tensor, history: list[list[torch.Tensor]] | None, cond: _Conditioning,
                     steps: list[int], guidance_scale: float, generator: torch.Generator | None = None,
-                    unit: int = 0, progress=None, callback: Callable | None = None) -> torch.Tensor:
-        """Generate one latent frame through all pyramid stages: Euler steps per stage, then upsample+renoise."""
+                    unit: int = 0, progress=None, callback: Callable | None = None,
+                    first_stage: int = 0) -> torch.Tensor:
+        """Generate one latent frame through the pyramid stages: Euler steps per stage, then upsample+renoise.
+
+        ``latents`` are at ``first_stage``'s resolution (0: the stage-0 noise; later stages let a diagnosis start
+        from a given lower-stage latent)."""
         use_cfg = guidance_scale > 1.0
-        for stage, num_steps in enumerate(steps):
-            if stage > 0:
+        for stage in range(first_stage, len(steps)):
+            num_steps = steps[stage]
+            if stage > first_stage:
                 latents = self.scheduler.upsample_and_renoise(latents, stage, generator=generator)
             timesteps = self.scheduler.stage_timesteps(num_steps, stage)
             sigmas = self.scheduler.stage_sigmas(num_steps, stage).to(latents.dtype)
