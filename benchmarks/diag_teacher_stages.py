@@ -57,10 +57,11 @@ def load_dit(path: Path) -> PyramidMMDiT:
     return dit.eval()
 
 
-def object_masks(count: int, stages: int = 3) -> list[torch.Tensor]:
-    """Per stage (lowest first), which frame-0 latent pixels of the first ``count`` training videos an object
-    covers (more than 5% of the 8 x 8 pixel block, then max-pooled to the stage's resolution)."""
-    _, coverage, _ = clip_batch("train", range(count), 17, 128)
+def object_masks(count: int, stages: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    """Per stage (lowest first), which frame-0 latent pixels of the first ``count`` training videos (rendered
+    with ``seed``, the `encode-latents` seed) an object covers (more than 5% of the 8 x 8 pixel block, then
+    max-pooled to the stage's resolution)."""
+    _, coverage, _ = clip_batch("train", range(count), 17, 128, seed=seed)
     full = F.avg_pool2d(coverage[:, :, 0], 8) > 0.05
     return [F.max_pool2d(full.float(), 2 ** (stages - 1 - s)).bool() for s in range(stages)]
 
@@ -79,9 +80,10 @@ def velocity_errors(dit: PyramidMMDiT, pipe: NeodragonPipeline, latents: torch.T
     return error[mask].mean().item(), error[~mask].mean().item()
 
 
-def errors_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, count: int) -> list[str]:
+def errors_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, count: int,
+                seed: int) -> list[str]:
     latents, captions = cache.batch(range(count))
-    frame0, masks = latents[:, :, :1].float(), object_masks(count)
+    frame0, masks = latents[:, :, :1].float(), object_masks(count, seed=seed)
     cond, empty = pipe.encode_prompt(captions), pipe.encode_prompt([""] * count)
     rows = [f"{count} training videos, frame 0; object pixels are {masks[-1].float().mean():.1%} of the latent.", "",
             "| stage | tau | object error | background error | ratio |", "|---:|---:|---:|---:|---:|"]
@@ -119,10 +121,10 @@ def sample_from_stage(pipe: NeodragonPipeline, frame0: torch.Tensor, text, first
                             first_stage=first_stage)
 
 
-def forced_rows(pipe: NeodragonPipeline, cache: LatentCache, count: int,
+def forced_rows(pipe: NeodragonPipeline, cache: LatentCache, count: int, seed: int,
                 figure: Path | None) -> list[str]:
     latents, captions = cache.batch(range(count))
-    frame0, mask = latents[:, :, :1].float(), object_masks(count)[-1]
+    frame0, mask = latents[:, :, :1].float(), object_masks(count, seed=seed)[-1]
     text = pipe.encode_prompt([""] * count).cat(pipe.encode_prompt(captions))
     rows = [f"{count} training videos, frame 0, 8 steps per stage, guidance 5; error against the real latent.", "",
             "| sampling starts at | object-pixel MSE | background MSE |", "|---|---:|---:|"]
@@ -221,6 +223,8 @@ def main() -> None:
     parser.add_argument("--latents", type=Path, required=True, help="The `train encode-latents` folder.")
     parser.add_argument("--model", default="nano", help="Text stack, scheduler and VAE decoder to use.")
     parser.add_argument("--count", type=int, default=48, help="Training videos to measure on.")
+    parser.add_argument("--latents-seed", type=int, default=0,
+                        help="The --seed the latents were encoded with (errors/forced re-render their objects).")
     parser.add_argument("--figure", type=Path, help="Where `forced` writes its figure (PNG).")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--capacity-steps", type=int, default=600)
@@ -243,8 +247,8 @@ def main() -> None:
     for section in args.sections:
         print(f"running {section} ...", flush=True)
         rows = {
-            "errors": lambda: errors_rows(dit, pipe, cache, args.count),
-            "forced": lambda: forced_rows(pipe, cache, args.count, args.figure),
+            "errors": lambda: errors_rows(dit, pipe, cache, args.count, args.latents_seed),
+            "forced": lambda: forced_rows(pipe, cache, args.count, args.latents_seed, args.figure),
             "capacity": lambda: capacity_rows(pipe, cache, args.variants, args.capacity_steps, args.count, args.lr),
             "weighting": lambda: weighting_rows(args.dit, pipe, cache, args.object_weights, args.weighting_steps,
                                                 args.count, args.weighting_lr),

@@ -98,6 +98,18 @@ def test_training_crops_hold_the_objects():
     assert cropped.shape[-2:] == (48, 48) and all(c.sum() > 0 for c in cropped)
 
 
+def test_training_clips_take_styles():
+    plain, _, plain_captions = clip_batch("train", range(4), 9, 64)
+    styled, coverage, captions = clip_batch("train", range(4), 9, 64, styles=("neon", "stripes"))
+    again, _, _ = clip_batch("train", range(4), 9, 64, styles=("neon", "stripes"))
+    assert torch.equal(styled, again)  # deterministic per index
+    assert all(("neon" in c) or ("strip" in c) for c in captions) and not any("neon" in c for c in plain_captions)
+    assert all(not torch.equal(a, b) for a, b in zip(plain, styled, strict=True))
+    assert coverage.shape == (4, 1, 9, 64, 64)
+    with pytest.raises(ValueError, match="'sepia' is not one of"):
+        clip_batch("train", range(4), 9, 64, styles=("none", "sepia"))  # caught before any item draws it
+
+
 def test_decoder_finetune_keeps_the_latent_space(vae_run, tmp_path):
     start = AsymmetricCausalVideoVAE.from_pretrained(vae_run[0] / "final")
     train_vae(config(tmp_path, 1), num_frames=9, crop=32, eval_videos=1, init_from=vae_run[0] / "final",

@@ -163,6 +163,13 @@ def _check(value: str, space: Sequence[str]) -> None:
         raise ValueError(f"{value!r} is not one of {space}")
 
 
+def _check_styles(styles: Sequence[str]) -> None:
+    if not styles:
+        raise ValueError(f"give at least one style of {STYLES}")
+    for style in styles:
+        _check(style, STYLES)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Scenes of the splits
 
@@ -220,6 +227,7 @@ def sample(split: str, index: int, base_seed: int = 0, *, num_frames: int = 17, 
     ``styles`` by its own random stream, so an index shows the same scene whatever the styles. "train" captions
     sometimes leave out sizes or the background; "eval" and "heldout" captions mention everything."""
     _check(split, SPLITS)
+    _check_styles(styles)
     rng = np.random.default_rng([base_seed, SPLITS.index(split), index])
     spec = sample_spec(rng, split)
     seed = int(rng.integers(2**63))
@@ -490,8 +498,7 @@ class _Items:
     def __init__(self, split: str, base_seed: int, start: int, num_frames: int, height: int, width: int,
                  styles: Sequence[str]):
         _check(split, SPLITS)
-        for style in styles:
-            _check(style, STYLES)
+        _check_styles(styles)
         self.split, self.base_seed, self.start, self.styles = split, base_seed, start, tuple(styles)
         self.size = dict(num_frames=num_frames, height=height, width=width)
 

@@ -17,6 +17,7 @@ BATCH = typer.Option(4, "--batch-size", help="Videos per process and step.")
 LR = typer.Option(2e-4, "--lr")
 SAVE = typer.Option(250, "--save-every", help="Checkpoint interval in steps.")
 SEED = typer.Option(0, "--seed")
+STYLES = typer.Option(["none"], "--style", help="ShapesWorld style drawn per video; repeat to mix (and weight) styles.")
 
 
 def _config(output: Path, steps: int, batch_size: int, lr: float, save_every: int, seed: int, warmup: int):
@@ -40,14 +41,15 @@ def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: 
         eval_videos: int = typer.Option(32, "--eval-videos"),
         init_from: Path = typer.Option(None, "--init-from", help="Start from a trained VAE folder (a final/)."),
         freeze_encoder: bool = typer.Option(False, "--freeze-encoder",
-                                            help="Train the decoder only: the latent space stays as it is.")) -> None:
+                                            help="Train the decoder only: the latent space stays as it is."),
+        style: list[str] = STYLES) -> None:
     """Train the teacher's causal video VAE on ShapesWorld; writes final/ with latent statistics and PSNR."""
     from .nano import train_vae
     from .vae import VAELossWeights
 
     metrics = train_vae(_config(output, steps, batch_size, lr, save_every, seed, 200), num_frames=num_frames,
                         crop=crop or None, eval_videos=eval_videos, init_from=init_from,
-                        freeze_encoder=freeze_encoder,
+                        freeze_encoder=freeze_encoder, styles=style,
                         weights=VAELossWeights(edges=edge_weight, mse=mse_weight, kl=kl_weight, latent_l2=latent_l2,
                                                objects=object_weight))
     if metrics:
@@ -58,14 +60,15 @@ def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: 
 def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VAE (the final/ of `train vae`)."),
                    output: Path = OUTPUT,
                    num_videos: int = typer.Option(4096, "--num-videos"),
-                   batch_size: int = typer.Option(8, "--batch-size"), seed: int = SEED) -> None:
+                   batch_size: int = typer.Option(8, "--batch-size"), seed: int = SEED,
+                   style: list[str] = STYLES) -> None:
     """Encode training videos once into normalised latent shards (resumable, split across processes)."""
     from accelerate import PartialState
 
     from .nano import encode_latents as encode
 
     state = PartialState()
-    encode(vae_dir, output, num_videos, batch_size, seed, state.process_index, state.num_processes)
+    encode(vae_dir, output, num_videos, batch_size, seed, state.process_index, state.num_processes, style)
 
 
 @app.command()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Protocol
@@ -48,21 +48,22 @@ SHARD = 256  # latents per cache file
 
 
 def video_batch(split: str, indices, num_frames: int, size: int, crop: int | None = None,
-                seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+                seed: int = 0, styles: Sequence[str] = ("none",)) -> tuple[torch.Tensor, list[str]]:
     """Rendered ShapesWorld videos ``[B, 3, T, H, W]`` and captions, optionally cropped (see ``clip_batch``)."""
-    videos, _, captions = clip_batch(split, indices, num_frames, size, crop, seed)
+    videos, _, captions = clip_batch(split, indices, num_frames, size, crop, seed, styles)
     return videos, captions
 
 
 def clip_batch(split: str, indices, num_frames: int, size: int, crop: int | None = None,
-               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``video_batch`` plus the objects' coverage ``[B, 1, T, H, W]``, cropped alike.
+               seed: int = 0, styles: Sequence[str] = ("none",)) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``video_batch`` plus the objects' coverage ``[B, 1, T, H, W]``, cropped alike. Each item's style is drawn
+    from ``styles`` (repeat a style to weight it); an index shows the same scene whatever the styles.
 
     A crop is square and placed around the objects' mean position (jittered by up to a quarter of the crop,
     fixed by the index): a crop at a uniform position misses the objects more often than not, and the VAE then
     learns the backgrounds only. Translation keeps the objects' scale, and the causal conv VAE is size-agnostic.
     """
-    items = [sample(split, i, seed, num_frames=num_frames, height=size, width=size) for i in indices]
+    items = [sample(split, i, seed, num_frames=num_frames, height=size, width=size, styles=styles) for i in indices]
     videos = torch.stack([item.video for item in items])
     coverage = torch.stack([item.coverage for item in items])[:, None]
     if crop is not None and crop < size:
@@ -137,11 +138,12 @@ def initial_teacher_vae() -> AsymmetricCausalVideoVAE:
 
 def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: int | None = 64,
               weights: VAELossWeights | None = None, eval_videos: int = 32, init_from: str | Path | None = None,
-              freeze_encoder: bool = False) -> dict:
+              freeze_encoder: bool = False, styles: Sequence[str] = ("none",)) -> dict:
     """Train the teacher VAE, then write ``final/`` with the model, latent statistics and held-out PSNR.
 
     ``init_from`` starts from a trained VAE folder; with ``freeze_encoder`` only the decoder side trains, so the
     latent space (and any latent cache or DiT built on it) stays valid while the reconstructions improve.
+    Training clips are drawn in ``styles``; the latent statistics are always measured on unstyled videos.
     """
     weights = weights or VAELossWeights()
     vae = AsymmetricCausalVideoVAE.from_pretrained(init_from) if init_from is not None else initial_teacher_vae()
@@ -151,7 +153,7 @@ def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: 
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         videos, coverage, _ = clip_batch("train", cycle_indices(step, rank, world, config.batch_size), num_frames,
-                                         size, crop, config.seed)
+                                         size, crop, config.seed, styles)
         return {"video": videos.to(trainer.accelerator.device), "coverage": coverage.to(trainer.accelerator.device)}
 
     trainer = Trainer(config, {"objective": VAEObjective(vae, weights)}, batch_fn,
@@ -178,8 +180,9 @@ def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: 
 
 @torch.no_grad()
 def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, batch_size: int = 8,
-                   seed: int = 0, rank: int = 0, world: int = 1) -> Path:
-    """Encode ``num_videos`` training videos (17 x 128 x 128) once into normalised latent shards.
+                   seed: int = 0, rank: int = 0, world: int = 1, styles: Sequence[str] = ("none",)) -> Path:
+    """Encode ``num_videos`` training videos (17 x 128 x 128, drawn in ``styles``) once into normalised latent
+    shards; the captions name the style, as ShapesWorld's do.
 
     Shards already on disk are skipped, so an interrupted run resumes; ranks split the shards between them.
     """
@@ -194,7 +197,7 @@ def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, ba
         indices = range(shard * SHARD, min((shard + 1) * SHARD, num_videos))
         latents, captions = [], []
         for chunk in [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]:
-            videos, texts = video_batch("train", chunk, 17, 128, seed=seed)
+            videos, texts = video_batch("train", chunk, 17, 128, seed=seed, styles=styles)
             latents.append(normalize_latents(vae.encode(videos).latent_dist.mean, stats))
             captions += texts
         tmp = path.with_suffix(".tmp")
