@@ -85,7 +85,7 @@ def errors_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, 
     latents, captions = cache.batch(range(count))
     frame0, masks = latents[:, :, :1].float(), object_masks(count, seed=seed)
     cond, empty = pipe.encode_prompt(captions), pipe.encode_prompt([""] * count)
-    rows = [f"{count} training videos, frame 0; object pixels are {masks[-1].float().mean():.1%} of the latent.", "",
+    rows = [f"{count} cached videos, frame 0; object pixels are {masks[-1].float().mean():.1%} of the latent.", "",
             "| stage | tau | object error | background error | ratio |", "|---:|---:|---:|---:|---:|"]
     for stage in range(3):
         for tau in TAUS:
@@ -126,7 +126,7 @@ def forced_rows(pipe: NeodragonPipeline, cache: LatentCache, count: int, seed: i
     latents, captions = cache.batch(range(count))
     frame0, mask = latents[:, :, :1].float(), object_masks(count, seed=seed)[-1]
     text = pipe.encode_prompt([""] * count).cat(pipe.encode_prompt(captions))
-    rows = [f"{count} training videos, frame 0, 8 steps per stage, guidance 5; error against the real latent.", "",
+    rows = [f"{count} cached videos, frame 0, 8 steps per stage, guidance 5; error against the real latent.", "",
             "| sampling starts at | object-pixel MSE | background MSE |", "|---|---:|---:|"]
     samples = []
     for first_stage in range(pipe.scheduler.config.stages):
@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--dit", type=Path, help="A trained teacher DiT: final/ or a checkpoint folder.")
     parser.add_argument("--latents", type=Path, required=True, help="The `train encode-latents` folder.")
     parser.add_argument("--model", default="nano", help="Text stack, scheduler and VAE decoder to use.")
-    parser.add_argument("--count", type=int, default=48, help="Training videos to measure on.")
+    parser.add_argument("--count", type=int, default=48, help="Videos of --latents to measure on.")
     parser.add_argument("--latents-seed", type=int, default=0,
                         help="The --seed the latents were encoded with (errors/forced re-render their objects).")
     parser.add_argument("--figure", type=Path, help="Where `forced` writes its figure (PNG).")

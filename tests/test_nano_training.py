@@ -131,6 +131,20 @@ def test_latent_cache_is_normalised_and_resumable(latents, vae_run):
     assert sorted(p.stat().st_mtime_ns for p in latents.iterdir()) == before
 
 
+def test_latent_cache_mixes_folders_and_names_bad_shards(latents, tmp_path):
+    single = LatentCache(latents)
+    mixed = LatentCache([latents, latents])
+    assert len(mixed) == 2 * len(single)
+    assert sorted(mixed.captions) == sorted(single.captions * 2)
+    assert mixed.captions[: len(single)] != single.captions  # interleaved, not one folder after the other
+    assert mixed.captions == LatentCache([latents, latents]).captions  # by a fixed permutation
+    (tmp_path / "shard_00000.safetensors").write_bytes(b"not a shard")
+    with pytest.raises(ValueError, match="shard_00000.safetensors is not a readable latent shard"):
+        LatentCache(tmp_path)
+    with pytest.raises(FileNotFoundError, match="encode-latents"):
+        LatentCache(tmp_path / "empty")
+
+
 def test_teacher_step_export_and_generate(vae_run, latents, tmp_path):
     train_teacher(config(tmp_path / "dit", 1, batch_size=2), latents)
     assert read_log(tmp_path / "dit")[-1]["loss"] > 0

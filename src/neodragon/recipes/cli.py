@@ -72,7 +72,8 @@ def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VA
 
 
 @app.command()
-def teacher(latents: Path = typer.Option(..., "--latents", help="Output of `train encode-latents`."),
+def teacher(latents: list[Path] = typer.Option(..., "--latents",
+                                              help="Output of `train encode-latents`; repeat to mix folders."),
             output: Path = OUTPUT, steps: int = STEPS, batch_size: int = typer.Option(16, "--batch-size"),
             lr: float = LR, save_every: int = SAVE, seed: int = SEED,
             text_dropout: float = typer.Option(0.1, "--text-dropout")) -> None:

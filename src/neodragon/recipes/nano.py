@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from diffusers.models.attention_processor import Attention
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..data import sample
@@ -178,6 +178,18 @@ def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: 
 # -- latent cache ---------------------------------------------------------------------------------------------
 
 
+def _read_shard(path: Path) -> tuple[torch.Tensor, list[str]]:
+    """A latent shard's tensor and captions; a file that is not a readable shard gets a message naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor("latents"), json.loads(handle.metadata()["captions"])
+    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{path} is not a readable latent shard ({error}); delete it and re-run "
+                         "`neodragon train encode-latents`, which re-creates missing shards.") from error
+
+
 @torch.no_grad()
 def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, batch_size: int = 8,
                    seed: int = 0, rank: int = 0, world: int = 1, styles: Sequence[str] = ("none",)) -> Path:
@@ -208,20 +220,27 @@ def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, ba
 
 
 class LatentCache:
-    """The encoded training set, held in memory (a few MB at nano size)."""
+    """The encoded training set, held in memory (a few MB at nano size), from one or more `encode-latents` folders.
 
-    def __init__(self, folder: str | Path):
-        shards = sorted(Path(folder).glob("shard_*.safetensors"))
-        if not shards:
-            raise FileNotFoundError(f"No latent shards in {folder}: run `neodragon train encode-latents` first.")
-        from safetensors import safe_open
+    Several folders (say, unstyled and styled videos) are interleaved by a fixed permutation, so that every batch
+    mixes them; a single folder keeps its order, which is what earlier runs were trained and resumed on.
+    """
 
+    def __init__(self, folders: str | Path | Sequence[str | Path]):
+        folders = [folders] if isinstance(folders, str | Path) else list(folders)
         latents, captions = [], []
-        for shard in shards:
-            with safe_open(str(shard), framework="pt") as handle:
-                captions += json.loads(handle.metadata()["captions"])
-            latents.append(load_file(str(shard))["latents"])
+        for folder in folders:
+            shards = sorted(Path(folder).glob("shard_*.safetensors"))
+            if not shards:
+                raise FileNotFoundError(f"No latent shards in {folder}: run `neodragon train encode-latents` first.")
+            for shard in shards:
+                tensors, metadata = _read_shard(shard)
+                latents.append(tensors)
+                captions += metadata
         self.latents, self.captions = torch.cat(latents), captions
+        if len(folders) > 1:
+            order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(0))
+            self.latents, self.captions = self.latents[order], [captions[i] for i in order.tolist()]
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -282,8 +301,10 @@ def batch_flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchSchedule
                               batch["stage"], batch["generator"], recipe)
 
 
-def train_teacher(config: TrainConfig, latents_dir: str | Path, recipe: TeacherRecipe | None = None) -> None:
-    """Pyramidal flow matching of the nano teacher DiT on cached latents, text from the frozen MiniLM."""
+def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | Path],
+                  recipe: TeacherRecipe | None = None) -> None:
+    """Pyramidal flow matching of the nano teacher DiT on cached latents (one or more folders, see
+    ``LatentCache``), text from the frozen MiniLM."""
     recipe = recipe or TeacherRecipe()
     preset = nano_teacher_preset()
     cache = LatentCache(latents_dir)
