@@ -279,3 +279,18 @@ def test_cli_run_writes_json_and_markdown(tmp_path):
     assert 0 <= data["generated"]["total"] <= 1
     assert "| **total** |" in out.with_suffix(".md").read_text()
     assert CliRunner().invoke(app, args).exit_code == 1  # no overwrite without --overwrite
+
+
+def test_cli_vae_scores_reconstructions_per_style(tmp_path):
+    out = tmp_path / "vae.json"
+    result = CliRunner().invoke(app, ["vae", "nano", "--videos", "6", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["real"]["shape"] == 1.0 and 10 < data["psnr_db"] < 60
+    by_style = data["reconstructed_by_style"]
+    assert set(by_style) <= set(STYLES) and sum(s["videos"] for s in by_style.values()) == 6
+    style_hits = sum(s["style"] * s["videos"] for s in by_style.values())
+    assert math.isclose(style_hits / 6, data["reconstructed"]["style"])  # the split adds up to the whole
+    assert CliRunner().invoke(app, ["vae", "nano", "--videos", "1", "--out", str(out)]).exit_code == 1
+    missing = CliRunner().invoke(app, ["vae", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "cannot load a VAE" in missing.output

@@ -36,6 +36,14 @@ def _git_revision() -> str:
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _provenance() -> dict[str, str]:
+    """How and where a result was made: the command line, UTC date, git revision and machine."""
+    return {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_revision": _git_revision(),
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs"}
+
+
 def _steps(value: str | None) -> int | list[int] | None:
     if value is None:
         return None
@@ -85,11 +93,8 @@ def run(
         generator = torch.Generator("cpu").manual_seed(seed)
         return pipe(caption, generator=generator, output_type="pt", **call).frames[0]
 
-    results = {"model": model, "prompt_set": prompt_set, "prompts": len(entries),
-               "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "git_revision": _git_revision(), "machine": f"{platform.node()} {platform.machine()} "
-               f"{os.cpu_count()} CPUs", "device": device, "mode": pipe.mode,
+    results = {"model": model, "prompt_set": prompt_set, "prompts": len(entries), **_provenance(),
+               "device": device, "mode": pipe.mode,
                "sampling": {k: v for k, v in call.items() if v is not None},
                "judge": str(judge_path) if judge_path else "bundled", **evaluate(generate, entries, judge)}
     with atomic_path(out, overwrite) as tmp:
@@ -101,6 +106,40 @@ def run(
     g = results["generated"]
     typer.echo(f"quality {g['quality']:.4f}  semantic {g['semantic']:.4f}  total {g['total']:.4f}; "
                f"wrote {out} and {table_path}")
+
+
+@app.command("vae")
+def vae(
+    folder: Path = typer.Argument(..., help="'nano' (bundled), a VAE folder (`train vae`'s final/) or a checkpoint "
+                                            "folder."),
+    videos: int = typer.Option(100, "--videos", min=1, help="Real held-out `eval` videos (every style)."),
+    out: Path = typer.Option(None, "--out", help="Also write the results JSON here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Reconstruct real held-out ShapesWorld videos with a VAE; PSNR and the judge's accuracy on them, per style."""
+    from ..models.vae import AsymmetricCausalVideoVAE
+    from ..recipes.vae import judged_reconstructions
+    from ..utils.video import atomic_path
+
+    if out is not None and out.exists() and not overwrite:
+        _fail(f"{out} already exists; pass --overwrite or choose another name.")
+    if str(folder) == "nano" and not folder.exists():
+        from ..utils.checkpoint import package_weights
+
+        folder = package_weights("nano")
+    source = folder / "causal_video_vae" if (folder / "causal_video_vae").is_dir() else folder
+    try:
+        model = AsymmetricCausalVideoVAE.from_pretrained(source).eval()
+    except (ValueError, OSError) as err:
+        _fail(f"cannot load a VAE from {source}: {err}")
+    results = {"vae": str(folder), "videos": videos, "seed": seed, **_provenance(),
+               **judged_reconstructions(model, videos, seed)}
+    text = json.dumps(results, indent=1) + "\n"
+    if out is not None:
+        with atomic_path(out, overwrite) as tmp:
+            tmp.write_text(text)
+    typer.echo(text)
 
 
 @app.command("train-judge")

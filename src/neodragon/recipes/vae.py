@@ -104,16 +104,24 @@ def reconstruction_psnr(vae: AsymmetricCausalVideoVAE, videos: torch.Tensor, bat
 
 
 def judged_reconstructions(vae: AsymmetricCausalVideoVAE, count: int = 32, seed: int = 0) -> dict[str, dict]:
-    """VBench-nano's judge on ``count`` held-out ``eval`` videos and on their reconstructions, each scored
-    against the true labels: PSNR says how close the pixels are, this says whether the caption survived."""
+    """VBench-nano's judge on ``count`` held-out ``eval`` videos (every style) and on their reconstructions, each
+    scored against the true labels: PSNR says how close the pixels are, this says whether the caption survived.
+    ``reconstructed_by_style`` splits the reconstructions' scores by the videos' true style."""
     from ..eval.judge import load_judge, real_videos, scene_dict
     from ..eval.metrics import accuracy_table
 
     judge = load_judge()
     videos, labels = real_videos("eval", range(count), seed=seed)
     truth = [scene_dict(labels, i) for i in range(count)]
-    return {name: accuracy_table(judge.predict(clip)[0], truth)
-            for name, clip in (("real", videos), ("reconstructed", reconstruct(vae, videos)))}
+    reconstructions = reconstruct(vae, videos)
+    predicted = {name: judge.predict(clip)[0] for name, clip in (("real", videos), ("reconstructed", reconstructions))}
+    result = {name: accuracy_table(scenes, truth) for name, scenes in predicted.items()}
+    by_style = {}
+    for style in sorted({t["style"] for t in truth}):
+        rows = [i for i, t in enumerate(truth) if t["style"] == style]
+        by_style[style] = {"videos": len(rows), **accuracy_table([predicted["reconstructed"][i] for i in rows],
+                                                                 [truth[i] for i in rows])}
+    return {**result, "reconstructed_by_style": by_style, "psnr_db": psnr(videos, reconstructions).mean().item()}
 
 
 def save_latent_statistics(stats: dict[str, float], folder: str | Path) -> None:
