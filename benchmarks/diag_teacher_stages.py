@@ -8,6 +8,7 @@ Run from the repository root (sections are independent; ``errors`` and ``forced`
     python benchmarks/diag_teacher_stages.py --latents /work/runs/latents --sections capacity --capacity-steps 600
     python benchmarks/diag_teacher_stages.py --dit /work/runs/teacher/final --latents /work/runs/latents \
         --sections weighting --object-weights 0 10
+    python benchmarks/diag_teacher_stages.py --sections shift
 
 Sections:
 - ``errors``: the flow-matching velocity error of frame 0 (the unit without history) at every pyramid stage and
@@ -20,6 +21,8 @@ Sections:
   DiT config), on the cache's videos except the evaluation ones: object and background error after N steps.
 - ``weighting``: the trained DiT fine-tuned at stage 2 with the squared error weighted up on object pixels (the
   VAE's ``--object-weight`` idea applied to flow matching): does the DiT then use the caption for object detail?
+- ``shift``: how far the VAE's frame-0 latent moves when a still object moves by a fraction of a latent pixel,
+  against how far it moves when the shape changes at the same place: what the DiT must get right to draw a shape.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from neodragon import load_pipeline
+from neodragon.data import SHAPES, ObjectSpec, SceneSpec, render
 from neodragon.models.mmdit import PyramidMMDiT
 from neodragon.pipelines.neodragon import NeodragonPipeline
 from neodragon.presets import nano_teacher_preset
 from neodragon.recipes.nano import CaptionEncodings, LatentCache, clip_batch
 from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss
 
-SECTIONS = ("errors", "forced", "capacity", "weighting")
+SECTIONS = ("errors", "forced", "capacity", "weighting", "shift")
 TAUS = (0.9, 0.5, 0.1)
 FIGURE_ROWS = 8  # videos shown in the `forced` figure
 DEFAULT_VARIANTS = ('{}', '{"patch_size": 1}', '{"num_layers": 8, "num_attention_heads": 6}')
@@ -216,11 +220,33 @@ def weighting_rows(dit_path: Path, pipe: NeodragonPipeline, cache: LatentCache, 
     return rows
 
 
+def shift_rows(pipe: NeodragonPipeline, shifts: tuple[int, ...] = (1, 2, 4, 8)) -> list[str]:
+    """Squared latent distances (frame 0, summed over the latent) for every shape as a still red object on black,
+    rendered at one place, then shifted right by k pixels (8 pixels = 1 latent pixel)."""
+    rows = ["Squared distance between raw frame-0 latents (summed over channels and pixels, mean over the 8 shapes or "
+            "their 28 pairs); a still red object on black, the same place for every shape.", "",
+            "| object size | between two shapes | " + " | ".join(f"shifted {k} px" for k in shifts)
+            + " | shifted 8 px vs the latent rolled by 1 |", "|---|" + "---:|" * (len(shifts) + 2)]
+    for size in ("small", "large"):
+        videos = torch.stack([render(SceneSpec((ObjectSpec(shape, "red", size, "still"),), "black"), 5).video
+                              for shape in SHAPES])
+        with torch.no_grad():
+            latents = {k: pipe.vae.encode(torch.roll(videos, k, dims=-1)).latent_dist.mean[:, :, 0]
+                       for k in (0, *shifts)}
+        base, pairs = latents[0], torch.combinations(torch.arange(len(SHAPES)))
+        between = (base[pairs[:, 0]] - base[pairs[:, 1]]).square().sum((1, 2, 3)).mean()
+        moved = [(latents[k] - base).square().sum((1, 2, 3)).mean() for k in shifts]
+        rolled = (latents[8] - torch.roll(base, 1, dims=-1)).square().sum((1, 2, 3)).mean()
+        rows.append(f"| {size} | {between:.3g} | " + " | ".join(f"{d:.3g} ({d / between:.0%})" for d in moved)
+                    + f" | {rolled:.3g} ({rolled / between:.0%}) |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=["errors", "forced"])
     parser.add_argument("--dit", type=Path, help="A trained teacher DiT: final/ or a checkpoint folder.")
-    parser.add_argument("--latents", type=Path, required=True, help="The `train encode-latents` folder.")
+    parser.add_argument("--latents", type=Path, help="The `train encode-latents` folder (all sections but shift).")
     parser.add_argument("--model", default="nano", help="Text stack, scheduler and VAE decoder to use.")
     parser.add_argument("--count", type=int, default=48, help="Videos of --latents to measure on.")
     parser.add_argument("--latents-seed", type=int, default=0,
@@ -237,9 +263,12 @@ def main() -> None:
     args = parser.parse_args()
     if {"errors", "forced", "weighting"} & set(args.sections) and args.dit is None:
         parser.error("--sections errors/forced/weighting need --dit (a train teacher final/ or checkpoint folder)")
+    if set(args.sections) - {"shift"} and args.latents is None:
+        parser.error("every section but shift needs --latents (a `train encode-latents` folder)")
     torch.set_num_threads(args.threads)
     report = ReportHead()
-    pipe, cache = load_pipeline(args.model, torch_dtype=torch.float32), LatentCache(args.latents)
+    pipe = load_pipeline(args.model, torch_dtype=torch.float32)
+    cache = LatentCache(args.latents) if args.latents else None
     dit = load_dit(args.dit) if args.dit else None
     if dit is not None:
         pipe.transformer = dit  # the pipeline's sampler runs the DiT under study
@@ -252,8 +281,9 @@ def main() -> None:
             "capacity": lambda: capacity_rows(pipe, cache, args.variants, args.capacity_steps, args.count, args.lr),
             "weighting": lambda: weighting_rows(args.dit, pipe, cache, args.object_weights, args.weighting_steps,
                                                 args.count, args.weighting_lr),
+            "shift": lambda: shift_rows(pipe),
         }[section]()
-        title = f"{section} ({args.dit})" if section != "capacity" else section
+        title = f"{section} ({args.dit})" if section not in ("capacity", "shift") else section
         body += ["", f"## {title}", "", *rows]
         print("\n".join(rows), flush=True)
     head = report_preamble("Nano teacher DiT: per-stage diagnosis (CPU)", report, True,
