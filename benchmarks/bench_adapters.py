@@ -415,6 +415,10 @@ def render(report: Report, args: argparse.Namespace, finished: bool) -> str:
                   *report.files, "",
                   "SHiRA stores an index with every value: 8 bytes per entry (flat int32 index) against 12 in "
                   "PEFT's (row, col) layout; LoRA and FouRA store 4 bytes per number."]
+    lines += ["", "## 4. Style adapters on the nano teacher", "",
+              "Style strength, content preservation, diversity and two-style fusion (concept loss) of SHiRA, LoRA and "
+              "FouRA trained on the nano teacher: [adapters-style.md](adapters-style.md), written by "
+              "`benchmarks/exp_style_adapters.py`."]
     maxrss = gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     lines += ["", "## Memory of this process", "",
               *[f"- RSS {where}: {value:.2f} GiB" for where, value in report.rss_gib.items()],
