@@ -211,3 +211,14 @@ def test_vae_training_starts_from_a_nearly_deterministic_posterior():
     assert before.std.mean() > 0.5
     torch.testing.assert_close(after.std, torch.full_like(after.std, math.exp(-5.0)), rtol=0.2, atol=0)
     torch.testing.assert_close(after.mean, before.mean)  # only the log-variance half changes
+
+
+def test_train_cli_rejects_unknown_styles(tmp_path):
+    from typer.testing import CliRunner
+
+    from neodragon.recipes.cli import app
+
+    result = CliRunner().invoke(app, ["encode-latents", "--vae", str(tmp_path), "-o", str(tmp_path / "out"),
+                                      "--style", "neon", "--style", "sepia"])
+    assert result.exit_code == 2 and "unknown style sepia" in result.output
+    assert not (tmp_path / "out").exists()  # rejected before anything is written

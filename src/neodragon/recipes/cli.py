@@ -17,7 +17,19 @@ BATCH = typer.Option(4, "--batch-size", help="Videos per process and step.")
 LR = typer.Option(2e-4, "--lr")
 SAVE = typer.Option(250, "--save-every", help="Checkpoint interval in steps.")
 SEED = typer.Option(0, "--seed")
-STYLES = typer.Option(["none"], "--style", help="ShapesWorld style drawn per video; repeat to mix (and weight) styles.")
+
+
+def _known_styles(values: list[str]) -> list[str]:
+    from ..data import STYLES as KNOWN
+
+    unknown = [v for v in values if v not in KNOWN]
+    if unknown:
+        raise typer.BadParameter(f"unknown style {', '.join(unknown)}; choose from {', '.join(KNOWN)}")
+    return values
+
+
+STYLES = typer.Option(["none"], "--style", callback=_known_styles,
+                      help="ShapesWorld style drawn per video; repeat to mix (and weight) styles.")
 
 
 def _config(output: Path, steps: int, batch_size: int, lr: float, save_every: int, seed: int, warmup: int):
