@@ -119,16 +119,17 @@ def vae(
 ) -> None:
     """Reconstruct real held-out ShapesWorld videos with a VAE; PSNR and the judge's accuracy on them, per style."""
     from ..models.vae import AsymmetricCausalVideoVAE
+    from ..pipelines.neodragon import SUBFOLDERS
     from ..recipes.vae import judged_reconstructions
     from ..utils.video import atomic_path
 
     if out is not None and out.exists() and not overwrite:
         _fail(f"{out} already exists; pass --overwrite or choose another name.")
-    if str(folder) == "nano" and not folder.exists():
-        from ..utils.checkpoint import package_weights
+    if not folder.exists():
+        from ..presets import bundled_weights
 
-        folder = package_weights("nano")
-    source = folder / "causal_video_vae" if (folder / "causal_video_vae").is_dir() else folder
+        folder = bundled_weights(str(folder)) or folder  # a preset name such as 'nano'
+    source = folder / SUBFOLDERS["vae"] if (folder / SUBFOLDERS["vae"]).is_dir() else folder
     try:
         model = AsymmetricCausalVideoVAE.from_pretrained(source).eval()
     except (ValueError, OSError) as err:
