@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from neodragon.models.mmdit import PyramidMMDiT
 from neodragon.models.sentence import SentenceTextEncoder
 from neodragon.models.vae import AsymmetricCausalVideoVAE
 from neodragon.pipelines import NeodragonPipeline
+from neodragon.presets import nano_teacher_preset
 from neodragon.recipes.nano import (
     CaptionEncodings,
     LatentCache,
@@ -222,3 +224,30 @@ def test_train_cli_rejects_unknown_styles(tmp_path):
                                       "--style", "neon", "--style", "sepia"])
     assert result.exit_code == 2 and "unknown style sepia" in result.output
     assert not (tmp_path / "out").exists()  # rejected before anything is written
+
+
+def test_teacher_init_from_loads_a_trained_dit(latents, tmp_path):
+    torch.manual_seed(123)
+    PyramidMMDiT(**nano_teacher_preset().dit).to(torch.float16).save_pretrained(tmp_path / "init")  # as bundled
+    frozen_lr = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, warmup_steps=1,
+                            learning_rate=0.0)
+    train_teacher(frozen_lr, latents, init_from=tmp_path / "init")
+    start = PyramidMMDiT.from_pretrained(tmp_path / "init").float().state_dict()
+    end = PyramidMMDiT.from_pretrained(tmp_path / "run" / "final").state_dict()
+    assert all(end[k].dtype == torch.float32 and torch.equal(end[k], start[k]) for k in start)
+
+    other = dict(nano_teacher_preset().dit, num_layers=1)
+    PyramidMMDiT(**other).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="not a nano teacher DiT"):
+        train_teacher(config(tmp_path / "bad", 1), latents, init_from=tmp_path / "other")
+
+
+def test_train_cli_rejects_a_non_positive_time_budget(tmp_path):
+    from typer.testing import CliRunner
+
+    from neodragon.recipes.cli import app
+
+    result = CliRunner().invoke(app, ["teacher", "--latents", str(tmp_path), "-o", str(tmp_path / "run"),
+                                      "--max-minutes", "0"])
+    assert result.exit_code == 2 and "--max-minutes must be positive" in result.output
+    assert not (tmp_path / "run").exists()

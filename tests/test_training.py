@@ -1,14 +1,17 @@
+import math
+import time
+
 import pytest
 import torch
 
-from neodragon.recipes.training import TrainConfig, Trainer, cycle_indices, read_log
+from neodragon.recipes.training import TrainConfig, Trainer, cycle_indices, lr_lambda, read_log
 
 
 class Interrupted(Exception):
     pass
 
 
-def make_trainer(tmp_path, stop_at=None, max_steps=6):
+def make_trainer(tmp_path, stop_at=None, max_steps=6, max_minutes=None, step_seconds=0.0):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
     data = torch.randn(1000, 4, generator=torch.Generator().manual_seed(1))
@@ -16,6 +19,7 @@ def make_trainer(tmp_path, stop_at=None, max_steps=6):
     def batch_fn(step, rank, world):
         if step == stop_at:
             raise Interrupted
+        time.sleep(step_seconds)
         return {"x": data[list(cycle_indices(step, rank, world, 4))]}
 
     def loss_fn(batch):
@@ -23,7 +27,7 @@ def make_trainer(tmp_path, stop_at=None, max_steps=6):
         return {"loss": loss, "extra": loss.detach() * 2}
 
     config = TrainConfig(output_dir=str(tmp_path), max_steps=max_steps, batch_size=4, warmup_steps=2,
-                         save_every=3, log_every=1, learning_rate=1e-2)
+                         save_every=3, log_every=1, learning_rate=1e-2, max_minutes=max_minutes)
     return Trainer(config, {"model": model}, batch_fn, loss_fn)
 
 
@@ -54,3 +58,22 @@ def test_frozen_model_is_an_error(tmp_path):
 def test_cycle_indices_are_disjoint_across_ranks_and_steps():
     seen = [i for step in range(3) for rank in range(2) for i in cycle_indices(step, rank, 2, 4)]
     assert sorted(seen) == list(range(24))
+
+
+def test_time_budget_stops_early_saves_and_anneals(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=10_000, max_minutes=0.6 / 60, step_seconds=0.05)
+    trainer.fit()
+    assert 2 < trainer.step < 100  # stopped by the clock, far before max_steps
+    assert (tmp_path / "checkpoints" / f"step_{trainer.step}").is_dir()  # the stop is resumable
+    lrs = [r["lr"] for r in read_log(tmp_path)]
+    # Step-based progress is ~0 at 10,000 steps, so any decay after the warm-up comes from the time budget.
+    assert lrs[-1] < 0.5 * max(lrs)
+
+
+def test_lr_schedule_follows_whichever_budget_runs_out_first():
+    config = TrainConfig(output_dir="unused", max_steps=1000, warmup_steps=10)
+    assert lr_lambda(config)(5) == pytest.approx(0.6)  # warm-up
+    assert lr_lambda(config, lambda: 0.5)(10) == pytest.approx(0.55)  # half the time: cosine midpoint
+    assert lr_lambda(config, lambda: 1.0)(10) == pytest.approx(0.1)
+    steps_ahead = lr_lambda(config, lambda: 0.1)(10 + 990 // 2)
+    assert steps_ahead == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 495 / 990)))

@@ -17,6 +17,9 @@ BATCH = typer.Option(4, "--batch-size", help="Videos per process and step.")
 LR = typer.Option(2e-4, "--lr")
 SAVE = typer.Option(250, "--save-every", help="Checkpoint interval in steps.")
 SEED = typer.Option(0, "--seed")
+MAX_MINUTES = typer.Option(None, "--max-minutes", help="Stop after this much wall time (checkpoint and final/ "
+                           "are written as at the end); the learning rate decays over whichever of --steps and "
+                           "--max-minutes runs out first.")
 
 
 def _known_styles(values: list[str]) -> list[str]:
@@ -32,11 +35,15 @@ STYLES = typer.Option(["none"], "--style", callback=_known_styles,
                       help="ShapesWorld style drawn per video; repeat to mix (and weight) styles.")
 
 
-def _config(output: Path, steps: int, batch_size: int, lr: float, save_every: int, seed: int, warmup: int):
+def _config(output: Path, steps: int, batch_size: int, lr: float, save_every: int, seed: int, warmup: int,
+            max_minutes: float | None = None):
     from .training import TrainConfig
 
+    if max_minutes is not None and max_minutes <= 0:
+        raise typer.BadParameter(f"--max-minutes must be positive, got {max_minutes}")
     return TrainConfig(output_dir=str(output), max_steps=steps, batch_size=batch_size, learning_rate=lr,
-                       save_every=save_every, seed=seed, warmup_steps=min(warmup, max(1, steps // 10)))
+                       save_every=save_every, seed=seed, warmup_steps=min(warmup, max(1, steps // 10)),
+                       max_minutes=max_minutes)
 
 
 @app.command()
@@ -54,12 +61,13 @@ def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: 
         init_from: Path = typer.Option(None, "--init-from", help="Start from a trained VAE folder (a final/)."),
         freeze_encoder: bool = typer.Option(False, "--freeze-encoder",
                                             help="Train the decoder only: the latent space stays as it is."),
-        style: list[str] = STYLES) -> None:
+        style: list[str] = STYLES, max_minutes: float = MAX_MINUTES) -> None:
     """Train the teacher's causal video VAE on ShapesWorld; writes final/ with latent statistics and PSNR."""
     from .nano import train_vae
     from .vae import VAELossWeights
 
-    metrics = train_vae(_config(output, steps, batch_size, lr, save_every, seed, 200), num_frames=num_frames,
+    metrics = train_vae(_config(output, steps, batch_size, lr, save_every, seed, 200, max_minutes),
+                        num_frames=num_frames,
                         crop=crop or None, eval_videos=eval_videos, init_from=init_from,
                         freeze_encoder=freeze_encoder, styles=style,
                         weights=VAELossWeights(edges=edge_weight, mse=mse_weight, kl=kl_weight, latent_l2=latent_l2,
@@ -74,13 +82,15 @@ def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VA
                    num_videos: int = typer.Option(4096, "--num-videos"),
                    batch_size: int = typer.Option(8, "--batch-size"), seed: int = SEED,
                    style: list[str] = STYLES) -> None:
-    """Encode training videos once into normalised latent shards (resumable, split across processes)."""
+    """Encode training videos once into normalised latent shards (resumable, split across processes; the VAE runs
+    on each process's accelerator, rendering on its CPU)."""
     from accelerate import PartialState
 
     from .nano import encode_latents as encode
 
     state = PartialState()
-    encode(vae_dir, output, num_videos, batch_size, seed, state.process_index, state.num_processes, style)
+    encode(vae_dir, output, num_videos, batch_size, seed, state.process_index, state.num_processes, style,
+           state.device)
 
 
 @app.command()
@@ -88,13 +98,16 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
                                               help="Output of `train encode-latents`; repeat to mix folders."),
             output: Path = OUTPUT, steps: int = STEPS, batch_size: int = typer.Option(16, "--batch-size"),
             lr: float = LR, save_every: int = SAVE, seed: int = SEED,
-            text_dropout: float = typer.Option(0.1, "--text-dropout")) -> None:
+            text_dropout: float = typer.Option(0.1, "--text-dropout"),
+            init_from: Path = typer.Option(None, "--init-from", help="Start from a trained DiT: a `train teacher` "
+                                           "final/ or a bundle's transformer folder (fresh optimiser)."),
+            max_minutes: float = MAX_MINUTES) -> None:
     """Train the nano teacher DiT with pyramidal flow matching on cached latents."""
     from .nano import train_teacher
     from .teacher import TeacherRecipe
 
-    train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500), latents,
-                  TeacherRecipe(text_dropout=text_dropout))
+    train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes), latents,
+                  TeacherRecipe(text_dropout=text_dropout), init_from)
 
 
 @app.command("export-teacher")

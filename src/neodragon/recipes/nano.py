@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from diffusers.models.attention_processor import Attention
 from safetensors.torch import save_file
 from torch import nn
@@ -192,13 +193,14 @@ def _read_shard(path: Path) -> tuple[torch.Tensor, list[str]]:
 
 @torch.no_grad()
 def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, batch_size: int = 8,
-                   seed: int = 0, rank: int = 0, world: int = 1, styles: Sequence[str] = ("none",)) -> Path:
+                   seed: int = 0, rank: int = 0, world: int = 1, styles: Sequence[str] = ("none",),
+                   device: torch.device | str = "cpu") -> Path:
     """Encode ``num_videos`` training videos (17 x 128 x 128, drawn in ``styles``) once into normalised latent
     shards; the captions name the style, as ShapesWorld's do.
 
     Shards already on disk are skipped, so an interrupted run resumes; ranks split the shards between them.
     """
-    vae = AsymmetricCausalVideoVAE.from_pretrained(vae_dir).eval()
+    vae = AsymmetricCausalVideoVAE.from_pretrained(vae_dir).float().eval().to(device)
     stats = json.loads((Path(vae_dir) / "latent_stats.json").read_text())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +212,7 @@ def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, ba
         latents, captions = [], []
         for chunk in [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]:
             videos, texts = video_batch("train", chunk, 17, 128, seed=seed, styles=styles)
-            latents.append(normalize_latents(vae.encode(videos).latent_dist.mean, stats))
+            latents.append(normalize_latents(vae.encode(videos.to(device)).latent_dist.mean.cpu(), stats))
             captions += texts
         tmp = path.with_suffix(".tmp")
         save_file({"latents": torch.cat(latents).contiguous()}, str(tmp),
@@ -302,15 +304,16 @@ def batch_flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchSchedule
 
 
 def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | Path],
-                  recipe: TeacherRecipe | None = None) -> None:
+                  recipe: TeacherRecipe | None = None, init_from: str | Path | None = None) -> None:
     """Pyramidal flow matching of the nano teacher DiT on cached latents (one or more folders, see
-    ``LatentCache``), text from the frozen MiniLM."""
+    ``LatentCache``), text from the frozen MiniLM. ``init_from`` starts a new run from a trained DiT folder (a
+    ``final/`` or a bundle's transformer); a run folder with checkpoints resumes from them instead."""
     recipe = recipe or TeacherRecipe()
     preset = nano_teacher_preset()
     cache = LatentCache(latents_dir)
-    text = CaptionEncodings(SentenceTextEncoder.from_source(preset.text["sentence_encoder"],
-                                                            preset.text["max_sequence_length"]), cache.captions)
-    dit, scheduler = PyramidMMDiT(**preset.dit), PyramidFlowMatchScheduler()
+    encoder = SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
+    text = CaptionEncodings(encoder.to(PartialState().device), cache.captions)
+    dit, scheduler = _initial_dit(preset.dit, init_from), PyramidFlowMatchScheduler()
 
     trainer = Trainer(config, {"dit": dit}, flow_matching_batches(cache, text, config, recipe.text_dropout,
                                                                   scheduler.config.stages),
@@ -321,6 +324,17 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
         trainer.unwrap("dit").save_pretrained(Path(config.output_dir) / "final")
         (Path(config.output_dir) / "final" / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     trainer.accelerator.wait_for_everyone()
+
+
+def _initial_dit(config: dict, init_from: str | Path | None) -> PyramidMMDiT:
+    if init_from is None:
+        return PyramidMMDiT(**config)
+    dit = PyramidMMDiT.from_pretrained(init_from).float()
+    mismatched = {k: (v, dit.config.get(k)) for k, v in config.items() if dit.config.get(k) != v}
+    if mismatched:
+        raise ValueError(f"{init_from} is not a nano teacher DiT: config differs in {mismatched} "
+                         "(--init-from takes a `train teacher` final/ folder or a bundle's transformer folder).")
+    return dit
 
 
 # -- export ---------------------------------------------------------------------------------------------------

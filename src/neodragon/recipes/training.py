@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from tqdm.auto import tqdm
 
 CHECKPOINTS = "checkpoints"
@@ -39,15 +39,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     mixed_precision: str = "no"
+    max_minutes: float | None = None  # wall-time budget of one invocation (None: no limit)
 
 
-def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to 10% of the peak rate."""
+def lr_lambda(config: TrainConfig, time_used: Callable[[], float] = lambda: 0.0) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to 10% of the peak rate. The decay follows whichever budget runs out
+    first: the steps, or (with ``max_minutes``) the fraction of wall time ``time_used()`` reports."""
 
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        progress = max((step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps), time_used())
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
@@ -69,7 +71,9 @@ class Trainer:
         if not params:
             raise ValueError("Nothing to train: every parameter is frozen.")
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+        self._started: float | None = None  # set when fit() starts: the time budget is per invocation
+        self.time_used = 0.0  # fraction of max_minutes spent, synchronised across processes by fit()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, lambda: self.time_used))
         prepared = self.accelerator.prepare(*modules.values(), optimizer, scheduler)
         self.modules = dict(zip(modules, prepared[: len(modules)], strict=True))
         self.optimizer, self.scheduler = prepared[len(modules)], prepared[len(modules) + 1]
@@ -105,6 +109,16 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
+    def _out_of_time(self) -> bool:
+        """Update ``time_used``; True once the time budget is spent. Processes share their largest clock, so that
+        all of them use the same learning rate and stop at the same step."""
+        if self.config.max_minutes is None:
+            return False
+        local = torch.tensor([(time.perf_counter() - self._started) / (60 * self.config.max_minutes)],
+                             device=self.accelerator.device)
+        self.time_used = float(self.accelerator.reduce(local, reduction="max").item())
+        return self.time_used >= 1.0
+
     # -- loop -------------------------------------------------------------------------------------------
 
     def _log(self, record: dict) -> None:
@@ -113,17 +127,19 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
 
     def fit(self, on_log: Callable[[Trainer, dict], None] | None = None) -> dict:
-        """Train until ``max_steps``; returns the last logged record."""
+        """Train until ``max_steps`` (or until ``max_minutes`` are spent: then the state is saved as at the end);
+        returns the last logged record."""
         cfg, acc = self.config, self.accelerator
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for module in self.modules.values():
             module.train()
         record: dict = {}
-        started = time.perf_counter()
+        started = self._started = time.perf_counter()
         progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_local_main_process,
                         desc="train")
-        while self.step < cfg.max_steps:
-            losses = self.loss_fn(self.batch_fn(self.step, acc.process_index, acc.num_processes))
+        while self.step < cfg.max_steps and not self._out_of_time():
+            batch = send_to_device(self.batch_fn(self.step, acc.process_index, acc.num_processes), acc.device)
+            losses = self.loss_fn(batch)
             acc.backward(losses["loss"])
             if cfg.grad_clip > 0:
                 acc.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -142,6 +158,8 @@ class Trainer:
                     on_log(self, record)
             if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                 self.save()
+        if self.step < cfg.max_steps:  # stopped by the time budget
+            self.save()
         progress.close()
         return record
 
