@@ -9,6 +9,7 @@ Run from the repository root (sections are independent; ``errors`` and ``forced`
     python benchmarks/diag_teacher_stages.py --dit /work/runs/teacher/final --latents /work/runs/latents \
         --sections weighting --object-weights 0 10
     python benchmarks/diag_teacher_stages.py --sections shift
+    python benchmarks/diag_teacher_stages.py --dit /work/runs/teacher/final --latents /work/runs/latents --sections swap
 
 Sections:
 - ``errors``: the flow-matching velocity error of frame 0 (the unit without history) at every pyramid stage and
@@ -21,6 +22,11 @@ Sections:
   DiT config), on the cache's videos except the evaluation ones: object and background error after N steps.
 - ``weighting``: the trained DiT fine-tuned at stage 2 with the squared error weighted up on object pixels (the
   VAE's ``--object-weight`` idea applied to flow matching): does the DiT then use the caption for object detail?
+- ``swap``: object error of frame 0 at each stage with the true caption, with its shape word or its colour word
+  replaced by another shape or colour, with the empty prompt, and with only the token stream or only the pooled
+  vector of the true caption: which words does the DiT use, where, and through which path?
+- ``contrast``: the trained DiT fine-tuned at stage 2 with a hinge that makes the true shape word fit the target
+  better than a swapped one (0: plain fine-tuning): does the DiT then draw the shape the caption names?
 - ``shift``: how far the VAE's frame-0 latent moves when a still object moves by a fraction of a latent pixel,
   against how far it moves when the shape changes at the same place: what the DiT must get right to draw a shape.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -40,13 +47,14 @@ from safetensors.torch import load_file
 
 from neodragon import load_pipeline
 from neodragon.data import SHAPES, ObjectSpec, SceneSpec, render
+from neodragon.data.captions import COLOUR_WORDS, SHAPE_WORDS
 from neodragon.models.mmdit import PyramidMMDiT
 from neodragon.pipelines.neodragon import NeodragonPipeline
 from neodragon.presets import nano_teacher_preset
 from neodragon.recipes.nano import CaptionEncodings, LatentCache, clip_batch
 from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss
 
-SECTIONS = ("errors", "forced", "capacity", "weighting", "shift")
+SECTIONS = ("errors", "forced", "capacity", "weighting", "swap", "contrast", "shift")
 TAUS = (0.9, 0.5, 0.1)
 FIGURE_ROWS = 8  # videos shown in the `forced` figure
 DEFAULT_VARIANTS = ('{}', '{"patch_size": 1}', '{"num_layers": 8, "num_attention_heads": 6}')
@@ -108,6 +116,52 @@ def errors_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, 
     return rows
 
 
+def _alternatives(words: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Each synonym -> the first synonym of the next class (a different class, same caption grammar)."""
+    names = list(words)
+    return {w: words[names[(i + 1) % len(names)]][0] for i, name in enumerate(names) for w in words[name]}
+
+
+def swapped_captions(captions: list[str]) -> tuple[list[int], dict[str, list[str]]]:
+    """Indices of one-object captions ("<colour> <shape>" once) and those captions with the shape or the colour
+    word swapped for another class's."""
+    shapes, colours = _alternatives(SHAPE_WORDS), _alternatives(COLOUR_WORDS)
+    pattern = re.compile(rf"\b({'|'.join(colours)}) ({'|'.join(sorted(shapes, key=len, reverse=True))})\b")
+    keep, variants = [], {"shape swapped": [], "colour swapped": []}
+    for i, caption in enumerate(captions):
+        found = pattern.findall(caption)
+        if len(found) != 1:
+            continue
+        colour, shape = found[0]
+        keep.append(i)
+        variants["shape swapped"].append(caption.replace(f"{colour} {shape}", f"{colour} {shapes[shape]}"))
+        variants["colour swapped"].append(caption.replace(f"{colour} {shape}", f"{colours[colour]} {shape}"))
+    return keep, variants
+
+
+def swap_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, count: int, seed: int) -> list[str]:
+    latents, captions = cache.batch(range(count))
+    keep, variants = swapped_captions(captions)
+    frame0 = latents[keep][:, :, :1].float()
+    masks = [m[keep] for m in object_masks(count, seed=seed)]
+    texts = {"true caption": [captions[i] for i in keep], **variants, "empty prompt": [""] * len(keep)}
+    encoded = {name: pipe.encode_prompt(t) for name, t in texts.items()}
+    true, empty = encoded["true caption"], encoded["empty prompt"]
+    # Which path carries the words: the token stream (joint attention) or the pooled vector (AdaLN)?
+    encoded["empty tokens, true pooled"] = type(true)(empty.context, empty.mask, true.pooled)
+    encoded["true tokens, empty pooled"] = type(true)(true.context, true.mask, empty.pooled)
+    rows = [f"{len(keep)} one-object videos of the first {count}, frame 0; object-pixel velocity error (tau 0.5 "
+            "and 0.9); in brackets, relative to the true caption. Example: "
+            f"\"{texts['true caption'][0]}\" -> \"{variants['shape swapped'][0]}\".", "",
+            "| stage | tau | " + " | ".join(encoded) + " |", "|---:|---:|" + "---:|" * len(encoded)]
+    for stage in range(3):
+        for tau in (0.5, 0.9):
+            errors = [velocity_errors(dit, pipe, frame0, e, masks, stage, tau)[0] for e in encoded.values()]
+            cells = [f"{errors[0]:.3f}"] + [f"{e:.3f} ({e / errors[0] - 1:+.0%})" for e in errors[1:]]
+            rows.append(f"| {stage} | {tau} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def sample_from_stage(pipe: NeodragonPipeline, frame0: torch.Tensor, text, first_stage: int,
                       generator: torch.Generator, steps: int = 8, guidance: float = 5.0) -> torch.Tensor:
     """Frame 0 sampled by the pipeline's own sampler, starting at ``first_stage`` from the true lower-stage
@@ -154,12 +208,15 @@ def save_figure(pipe: NeodragonPipeline, frames: list[torch.Tensor], path: Path)
 
 
 def train_frame0_stage2(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, text: CaptionEncodings,
-                        rows: range, steps: int, lr: float, object_weight: float = 0.0) -> float:
+                        rows: range, steps: int, lr: float, object_weight: float = 0.0,
+                        contrast: float = 0.0, margin: float = 0.2, seed: int = 0) -> float:
     """Stage-2 flow matching of frame 0 on cache ``rows``, the squared error weighted ``1 + object_weight *
-    coverage`` per latent pixel (normalised to a weighted mean); returns seconds per step."""
+    coverage`` per latent pixel (normalised to a weighted mean); returns seconds per step. With ``contrast``, one-
+    object videos also pay ``contrast * relu((1 + margin) * E - E_swap)``, where E and E_swap are the object-pixel
+    errors with the true caption and with its shape word swapped: the true shape must fit better than another."""
     coverage = None
-    if object_weight:
-        _, pixels, _ = clip_batch("train", rows, 17, 128)
+    if object_weight or contrast:
+        _, pixels, _ = clip_batch("train", rows, 17, 128, seed=seed)
         coverage = F.avg_pool2d(pixels[:, :, 0], 8).unsqueeze(2)
     optimizer = torch.optim.AdamW(dit.train().parameters(), lr=lr, weight_decay=0.0)
     generator, start = torch.Generator().manual_seed(0), time.perf_counter()
@@ -171,14 +228,58 @@ def train_frame0_stage2(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: Laten
         noisy, target, timestep = pipe.scheduler.training_target(latents, noise, 2, torch.randint(
             pipe.scheduler.config.num_train_timesteps, (16,), generator=generator))
         error = (dit([[noisy]], enc.tokens, enc.mask, enc.pooled, timestep)[0] - target).square()
-        weight = torch.ones_like(error[:, :1]) if coverage is None else 1 + object_weight * coverage[picks]
+        weight = torch.ones_like(error[:, :1]) if not object_weight else 1 + object_weight * coverage[picks]
         loss = (error * weight).mean() / weight.mean()
+        if contrast:
+            loss = loss + contrast * shape_contrast(dit, pipe, captions, noisy, target, timestep, error,
+                                                    coverage[picks], margin)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         optimizer.step()
     dit.eval()
     return (time.perf_counter() - start) / steps
+
+
+def shape_contrast(dit: PyramidMMDiT, pipe: NeodragonPipeline, captions: list[str], noisy: torch.Tensor,
+                   target: torch.Tensor, timestep: torch.Tensor, error: torch.Tensor, coverage: torch.Tensor,
+                   margin: float) -> torch.Tensor:
+    """Mean hinge ``relu((1 + margin) * E - E_swap)`` over the batch's one-object videos (0 if there are none)."""
+    keep, variants = swapped_captions(captions)
+    if not keep:
+        return error.new_zeros(())
+    swap = pipe.text_encoder.encode(variants["shape swapped"])
+    swapped = (dit([[noisy[keep]]], swap.tokens, swap.mask, swap.pooled, timestep[keep])[0] - target[keep]).square()
+
+    def object_error(err: torch.Tensor) -> torch.Tensor:
+        weight = coverage[keep]
+        return (err.mean(1, keepdim=True) * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-6)
+
+    return F.relu((1 + margin) * object_error(error[keep]) - object_error(swapped)).mean()
+
+
+def contrast_rows(dit_path: Path, pipe: NeodragonPipeline, cache: LatentCache, strengths: list[float], steps: int,
+                  count: int, lr: float, seed: int) -> list[str]:
+    text = CaptionEncodings(pipe.text_encoder, cache.captions)
+    eval_latents, eval_captions = cache.batch(range(count))
+    keep, variants = swapped_captions(eval_captions)
+    frame0, masks = eval_latents[keep][:, :, :1].float(), [m[keep] for m in object_masks(count, seed=seed)]
+    true, swapped = pipe.encode_prompt([eval_captions[i] for i in keep]), pipe.encode_prompt(variants["shape swapped"])
+    rows = [f"The trained DiT fine-tuned at stage 2 (frame 0) for {steps} steps, batch 16, lr {lr}, on videos "
+            f"{count}-{count + 1023}, with the shape-contrast term at each strength (0: plain fine-tuning); "
+            f"object-pixel errors at stage 2 on the {len(keep)} one-object videos among 0-{count - 1}.", "",
+            "| contrast | tau | object error, true caption | shape swapped | swap effect |",
+            "|---:|---:|---:|---:|---:|"]
+    for strength in strengths:
+        dit = load_dit(dit_path)
+        train_frame0_stage2(dit, pipe, cache, text, range(count, count + 1024), steps, lr, contrast=strength,
+                            seed=seed)
+        for tau in (0.5, 0.9):
+            obj = velocity_errors(dit, pipe, frame0, true, masks, 2, tau)[0]
+            obj_swap = velocity_errors(dit, pipe, frame0, swapped, masks, 2, tau)[0]
+            rows.append(f"| {strength:g} | {tau} | {obj:.3f} | {obj_swap:.3f} | {obj_swap / obj - 1:+.0%} |")
+            print(rows[-1], flush=True)
+    return rows
 
 
 def capacity_rows(pipe: NeodragonPipeline, cache: LatentCache, variants: list[str], steps: int, count: int,
@@ -255,14 +356,16 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--capacity-steps", type=int, default=600)
     parser.add_argument("--object-weights", nargs="+", type=float, default=[0.0, 10.0])
-    parser.add_argument("--weighting-steps", type=int, default=300)
+    parser.add_argument("--weighting-steps", type=int, default=300, help="Fine-tuning steps of weighting/contrast.")
+    parser.add_argument("--contrasts", nargs="+", type=float, default=[0.0, 1.0])
     parser.add_argument("--lr", type=float, default=5e-4, help="Learning rate of the capacity runs.")
     parser.add_argument("--weighting-lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/results/teacher-stages.md"))
     args = parser.parse_args()
-    if {"errors", "forced", "weighting"} & set(args.sections) and args.dit is None:
-        parser.error("--sections errors/forced/weighting need --dit (a train teacher final/ or checkpoint folder)")
+    if {"errors", "forced", "weighting", "swap", "contrast"} & set(args.sections) and args.dit is None:
+        parser.error("--sections errors/forced/weighting/swap/contrast need --dit (a train teacher final/ or "
+                     "checkpoint folder)")
     if set(args.sections) - {"shift"} and args.latents is None:
         parser.error("every section but shift needs --latents (a `train encode-latents` folder)")
     torch.set_num_threads(args.threads)
@@ -281,6 +384,9 @@ def main() -> None:
             "capacity": lambda: capacity_rows(pipe, cache, args.variants, args.capacity_steps, args.count, args.lr),
             "weighting": lambda: weighting_rows(args.dit, pipe, cache, args.object_weights, args.weighting_steps,
                                                 args.count, args.weighting_lr),
+            "swap": lambda: swap_rows(dit, pipe, cache, args.count, args.latents_seed),
+            "contrast": lambda: contrast_rows(args.dit, pipe, cache, args.contrasts, args.weighting_steps, args.count,
+                                              args.weighting_lr, args.latents_seed),
             "shift": lambda: shift_rows(pipe),
         }[section]()
         title = f"{section} ({args.dit})" if section not in ("capacity", "shift") else section
