@@ -259,7 +259,7 @@ def shape_contrast(dit: PyramidMMDiT, pipe: NeodragonPipeline, captions: list[st
 
 
 def contrast_rows(dit_path: Path, pipe: NeodragonPipeline, cache: LatentCache, strengths: list[float], steps: int,
-                  count: int, lr: float, seed: int) -> list[str]:
+                  count: int, lr: float, seed: int, save_dir: Path | None = None) -> list[str]:
     text = CaptionEncodings(pipe.text_encoder, cache.captions)
     eval_latents, eval_captions = cache.batch(range(count))
     keep, variants = swapped_captions(eval_captions)
@@ -274,6 +274,8 @@ def contrast_rows(dit_path: Path, pipe: NeodragonPipeline, cache: LatentCache, s
         dit = load_dit(dit_path)
         train_frame0_stage2(dit, pipe, cache, text, range(count, count + 1024), steps, lr, contrast=strength,
                             seed=seed)
+        if save_dir is not None:  # for `train export-teacher` and `eval run`
+            dit.save_pretrained(save_dir / f"contrast-{strength:g}")
         for tau in (0.5, 0.9):
             obj = velocity_errors(dit, pipe, frame0, true, masks, 2, tau)[0]
             obj_swap = velocity_errors(dit, pipe, frame0, swapped, masks, 2, tau)[0]
@@ -358,6 +360,7 @@ def main() -> None:
     parser.add_argument("--object-weights", nargs="+", type=float, default=[0.0, 10.0])
     parser.add_argument("--weighting-steps", type=int, default=300, help="Fine-tuning steps of weighting/contrast.")
     parser.add_argument("--contrasts", nargs="+", type=float, default=[0.0, 1.0])
+    parser.add_argument("--save-dir", type=Path, help="Where `contrast` saves each fine-tuned DiT.")
     parser.add_argument("--lr", type=float, default=5e-4, help="Learning rate of the capacity runs.")
     parser.add_argument("--weighting-lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=2)
@@ -386,7 +389,7 @@ def main() -> None:
                                                 args.count, args.weighting_lr),
             "swap": lambda: swap_rows(dit, pipe, cache, args.count, args.latents_seed),
             "contrast": lambda: contrast_rows(args.dit, pipe, cache, args.contrasts, args.weighting_steps, args.count,
-                                              args.weighting_lr, args.latents_seed),
+                                              args.weighting_lr, args.latents_seed, args.save_dir),
             "shift": lambda: shift_rows(pipe),
         }[section]()
         title = f"{section} ({args.dit})" if section not in ("capacity", "shift") else section
