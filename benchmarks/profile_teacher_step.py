@@ -1,0 +1,78 @@
+"""Where one nano-teacher training step spends its time: batch assembly, the copy to the accelerator, and the DiT's
+forward + backward + AdamW step, per batch size and per (unit, stage). Runs on CUDA when there is a GPU.
+
+Run from the repository root, on a latent cache and a trained DiT:
+
+    python benchmarks/profile_teacher_step.py --latents /work/runs/latents \
+        --dit src/neodragon/weights/nano/diffusion_transformer_320p_multistep_t2v --batch-sizes 256 1024 4096
+
+Prints milliseconds per step, averaged over the steps after ``--warmup``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import send_to_device
+
+from neodragon.models.mmdit import PyramidMMDiT
+from neodragon.models.sentence import SentenceTextEncoder
+from neodragon.presets import nano_teacher_preset
+from neodragon.recipes.nano import CaptionEncodings, LatentCache, batch_flow_matching_loss, flow_matching_batches
+from neodragon.recipes.teacher import TeacherRecipe
+from neodragon.recipes.training import TrainConfig
+from neodragon.schedulers import PyramidFlowMatchScheduler
+
+
+def profile(batch_fn, dit: PyramidMMDiT, device: str, steps: int, warmup: int) -> tuple[dict, dict]:
+    """Milliseconds per step of each phase, and of forward + backward + step per (unit, stage)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    scheduler, recipe = PyramidFlowMatchScheduler(), TeacherRecipe()
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=1e-5)
+    phases, per_stage = {"batch": 0.0, "to_device": 0.0, "fwd_bwd_step": 0.0}, {}
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        batch = batch_fn(step, 0, 1)
+        t1 = time.perf_counter()
+        batch = send_to_device(batch, device)
+        sync()
+        t2 = time.perf_counter()
+        batch_flow_matching_loss(dit, scheduler, batch, recipe)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        if step >= warmup:
+            for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                phases[name] += seconds
+            per_stage.setdefault((batch["unit"], batch["stage"]), []).append(t3 - t2)
+    return ({k: round(v / steps * 1000, 1) for k, v in phases.items()},
+            {k: round(sum(v) / len(v) * 1000, 1) for k, v in sorted(per_stage.items())})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latents", type=Path, required=True, help="A `train encode-latents` folder.")
+    parser.add_argument("--dit", type=Path, required=True, help="A trained DiT folder (final/ or a bundle's).")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[256, 1024])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    preset = nano_teacher_preset()
+    cache = LatentCache(args.latents)
+    encoder = SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
+    text = CaptionEncodings(encoder.to(device), cache.captions)
+    dit = PyramidMMDiT.from_pretrained(args.dit).float().to(device)
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, {len(cache)} cached videos")
+    for batch_size in args.batch_sizes:
+        batch_fn = flow_matching_batches(cache, text, TrainConfig("unused", batch_size=batch_size), 0.1, 3)
+        phases, per_stage = profile(batch_fn, dit, device, args.steps, args.warmup)
+        print(f"batch {batch_size}: ms per step {phases}; forward+backward+step by (unit, stage) {per_stage}")
+
+
+if __name__ == "__main__":
+    main()
