@@ -60,10 +60,13 @@ def main() -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--cache-device", choices=["accelerator", "cpu"], default="accelerator",
+                        help="Where the latent cache lives: on the accelerator as in `train teacher`, or on the CPU "
+                        "(as `train teacher` did before 2026-11-26).")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = nano_teacher_preset()
-    cache = LatentCache(args.latents)
+    cache = LatentCache(args.latents).to(device if args.cache_device == "accelerator" else "cpu")
     encoder = SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
     text = CaptionEncodings(encoder.to(device), cache.captions)
     dit = PyramidMMDiT.from_pretrained(args.dit).float().to(device)

@@ -247,9 +247,16 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.captions)
 
+    def to(self, device: torch.device | str) -> LatentCache:
+        """Hold the latents on ``device``: on a GPU, batches are then gathered there, with no per-step copy (at
+        batch 1,024 on an H100, assembling and copying took a third of the step)."""
+        self.latents = self.latents.to(device)
+        return self
+
     def batch(self, indices) -> tuple[torch.Tensor, list[str]]:
         rows = [i % len(self) for i in indices]
-        return self.latents[rows], [self.captions[i] for i in rows]
+        index = torch.tensor(rows, device=self.latents.device)
+        return self.latents[index], [self.captions[i] for i in rows]
 
 
 class CaptionEncoder(Protocol):
@@ -272,7 +279,7 @@ class CaptionEncodings:
                                                for k in ("tokens", "mask", "pooled"))
 
     def encode(self, captions: list[str]) -> TextEncoding:
-        rows = torch.tensor([self.row[c] for c in captions])
+        rows = torch.tensor([self.row[c] for c in captions], device=self.tokens.device)
         return TextEncoding(self.tokens[rows], self.mask[rows], self.pooled[rows])
 
 
@@ -310,9 +317,10 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
     ``final/`` or a bundle's transformer); a run folder with checkpoints resumes from them instead."""
     recipe = recipe or TeacherRecipe()
     preset = nano_teacher_preset()
-    cache = LatentCache(latents_dir)
+    device = PartialState().device
+    cache = LatentCache(latents_dir).to(device)
     encoder = SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
-    text = CaptionEncodings(encoder.to(PartialState().device), cache.captions)
+    text = CaptionEncodings(encoder.to(device), cache.captions)
     dit, scheduler = _initial_dit(preset.dit, init_from), PyramidFlowMatchScheduler()
 
     trainer = Trainer(config, {"dit": dit}, flow_matching_batches(cache, text, config, recipe.text_dropout,
