@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -47,12 +46,11 @@ from safetensors.torch import load_file
 
 from neodragon import load_pipeline
 from neodragon.data import SHAPES, ObjectSpec, SceneSpec, render
-from neodragon.data.captions import COLOUR_WORDS, SHAPE_WORDS
 from neodragon.models.mmdit import PyramidMMDiT
 from neodragon.pipelines.neodragon import NeodragonPipeline
 from neodragon.presets import nano_teacher_preset
 from neodragon.recipes.nano import CaptionEncodings, LatentCache, clip_batch
-from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss
+from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss, swap_caption_word
 
 SECTIONS = ("errors", "forced", "capacity", "weighting", "swap", "contrast", "shift")
 TAUS = (0.9, 0.5, 0.1)
@@ -116,27 +114,11 @@ def errors_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, 
     return rows
 
 
-def _alternatives(words: dict[str, tuple[str, ...]]) -> dict[str, str]:
-    """Each synonym -> the first synonym of the next class (a different class, same caption grammar)."""
-    names = list(words)
-    return {w: words[names[(i + 1) % len(names)]][0] for i, name in enumerate(names) for w in words[name]}
-
-
 def swapped_captions(captions: list[str]) -> tuple[list[int], dict[str, list[str]]]:
-    """Indices of one-object captions ("<colour> <shape>" once) and those captions with the shape or the colour
-    word swapped for another class's."""
-    shapes, colours = _alternatives(SHAPE_WORDS), _alternatives(COLOUR_WORDS)
-    pattern = re.compile(rf"\b({'|'.join(colours)}) ({'|'.join(sorted(shapes, key=len, reverse=True))})\b")
-    keep, variants = [], {"shape swapped": [], "colour swapped": []}
-    for i, caption in enumerate(captions):
-        found = pattern.findall(caption)
-        if len(found) != 1:
-            continue
-        colour, shape = found[0]
-        keep.append(i)
-        variants["shape swapped"].append(caption.replace(f"{colour} {shape}", f"{colour} {shapes[shape]}"))
-        variants["colour swapped"].append(caption.replace(f"{colour} {shape}", f"{colours[colour]} {shape}"))
-    return keep, variants
+    """Indices of one-object captions and those captions with the shape or the colour word swapped."""
+    keep = [i for i, caption in enumerate(captions) if swap_caption_word(caption) is not None]
+    return keep, {f"{word} swapped": [swap_caption_word(captions[i], word) for i in keep]
+                  for word in ("shape", "colour")}
 
 
 def swap_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: LatentCache, count: int, seed: int) -> list[str]:

@@ -27,8 +27,10 @@ from neodragon.recipes.nano import (
     train_vae,
     variance_preserving_init,
 )
+from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss, swap_caption_word
 from neodragon.recipes.training import TrainConfig, read_log
 from neodragon.recipes.vae import VAELossWeights, vae_losses
+from neodragon.schedulers import PyramidFlowMatchScheduler
 
 
 def config(path, steps, batch_size=1, save_every=1):
@@ -251,3 +253,38 @@ def test_train_cli_rejects_a_non_positive_time_budget(tmp_path):
                                       "--max-minutes", "0"])
     assert result.exit_code == 2 and "--max-minutes must be positive" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_swap_caption_word_changes_one_objects_shape_or_colour():
+    assert swap_caption_word("a small yellow triangle rests") == "a small yellow star rests"
+    assert swap_caption_word("a huge yellow rhombus moving right", "colour") == "a huge green rhombus moving right"
+    assert swap_caption_word("a big red plus sign moving up") == "a big red ring moving up"  # two-word synonym
+    assert swap_caption_word("a red circle to the left of a blue star") is None  # two objects
+    assert swap_caption_word("") is None
+
+
+def test_shape_contrast_adds_the_hinge_on_swapped_samples_only():
+    torch.manual_seed(0)
+    dit = PyramidMMDiT(**nano_teacher_preset().dit)
+
+    latents = torch.randn(3, 8, 3, 16, 16)
+    tokens, mask, pooled = torch.randn(3, 5, 384), torch.ones(3, 5, dtype=torch.long), torch.randn(3, 384)
+    same = type("Enc", (), {"tokens": tokens, "mask": mask, "pooled": pooled})()
+
+    def loss(recipe, has_swap):
+        return flow_matching_loss(dit, PyramidFlowMatchScheduler(), latents, tokens, mask, pooled, 1, 2,
+                                  torch.Generator().manual_seed(3), recipe, same, has_swap)
+
+    plain = loss(TeacherRecipe(), torch.ones(3, dtype=torch.bool))
+    none = loss(TeacherRecipe(shape_contrast=1.0), torch.zeros(3, dtype=torch.bool))
+    assert "contrast" not in plain and none["contrast"] == 0 and torch.equal(none["loss"], plain["loss"])
+    # A "swapped" caption identical to the true one fits exactly as well, so the hinge is margin * error.
+    both = loss(TeacherRecipe(shape_contrast=2.0, contrast_margin=0.1), torch.ones(3, dtype=torch.bool))
+    torch.testing.assert_close(both["contrast"], 0.1 * plain["loss"])
+    torch.testing.assert_close(both["loss"], 1.2 * plain["loss"])
+
+
+def test_teacher_step_with_shape_contrast_logs_the_hinge(latents, tmp_path):
+    train_teacher(config(tmp_path / "dit", 1, batch_size=6), latents, TeacherRecipe(shape_contrast=0.5))
+    record = read_log(tmp_path / "dit")[-1]
+    assert record["contrast"] >= 0 and record["loss"] > 0

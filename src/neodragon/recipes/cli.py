@@ -101,13 +101,18 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
             text_dropout: float = typer.Option(0.1, "--text-dropout"),
             init_from: Path = typer.Option(None, "--init-from", help="Start from a trained DiT: a `train teacher` "
                                            "final/ or a bundle's transformer folder (fresh optimiser)."),
-            max_minutes: float = MAX_MINUTES) -> None:
+            max_minutes: float = MAX_MINUTES,
+            shape_contrast: float = typer.Option(0.0, "--shape-contrast", help="Weight of a hinge that makes a "
+                                                 "one-object video's true shape word fit better than another "
+                                                 "shape's (experimental; 0: off)."),
+            contrast_margin: float = typer.Option(0.1, "--contrast-margin")) -> None:
     """Train the nano teacher DiT with pyramidal flow matching on cached latents."""
     from .nano import train_teacher
     from .teacher import TeacherRecipe
 
     train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes), latents,
-                  TeacherRecipe(text_dropout=text_dropout), init_from)
+                  TeacherRecipe(text_dropout=text_dropout, shape_contrast=shape_contrast,
+                                contrast_margin=contrast_margin), init_from)
 
 
 @app.command("export-teacher")

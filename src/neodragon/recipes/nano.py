@@ -34,6 +34,7 @@ from .teacher import (
     normalize_latents,
     sample_unit_and_stage,
     step_generator,
+    swap_caption_word,
 )
 from .training import TrainConfig, Trainer, cycle_indices
 from .vae import (
@@ -287,17 +288,24 @@ class CaptionEncodings:
 
 
 def flow_matching_batches(cache: LatentCache, text: CaptionEncodings, config: TrainConfig, text_dropout: float,
-                          stages: int, device: torch.device | str = "cpu") -> Callable[[int, int, int], dict]:
+                          stages: int, device: torch.device | str = "cpu",
+                          shape_contrast: bool = False) -> Callable[[int, int, int], dict]:
     """``batch_fn(step, rank, world)`` of a pyramidal flow-matching run (the teacher, adapters): latents, encoded
-    captions after dropout, and the step's unit, stage and generator, all a pure function of (step, rank)."""
+    captions after dropout, and the step's unit, stage and generator, all a pure function of (step, rank). With
+    ``shape_contrast``, also the shape-swapped captions' encodings and which samples have one."""
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         latents, captions = cache.batch(cycle_indices(step, rank, world, config.batch_size))
         generator = step_generator(config.seed, step, rank)
-        encoding = text.encode(drop_captions(captions, text_dropout, generator)).to(device)
+        captions = drop_captions(captions, text_dropout, generator)
         unit, stage = sample_unit_and_stage(latents.shape[2], stages, config.seed, step)
-        return {"latents": latents.to(device), "encoding": encoding, "unit": unit, "stage": stage,
-                "generator": generator}
+        batch = {"latents": latents.to(device), "encoding": text.encode(captions).to(device), "unit": unit,
+                 "stage": stage, "generator": generator}
+        if shape_contrast:
+            swapped = [swap_caption_word(c) for c in captions]
+            batch["has_swap"] = torch.tensor([s is not None for s in swapped])
+            batch["swapped"] = text.encode([s or c for s, c in zip(swapped, captions, strict=True)]).to(device)
+        return batch
 
     return batch_fn
 
@@ -307,7 +315,7 @@ def batch_flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchSchedule
     """``flow_matching_loss`` on a batch of ``flow_matching_batches``."""
     enc = batch["encoding"]
     return flow_matching_loss(dit, scheduler, batch["latents"], enc.tokens, enc.mask, enc.pooled, batch["unit"],
-                              batch["stage"], batch["generator"], recipe)
+                              batch["stage"], batch["generator"], recipe, batch.get("swapped"), batch.get("has_swap"))
 
 
 def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | Path],
@@ -319,12 +327,16 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
     preset = nano_teacher_preset()
     device = PartialState().device
     cache = LatentCache(latents_dir).to(device)
+    captions = cache.captions
+    if recipe.shape_contrast:  # the swapped captions are encoded once too
+        captions = captions + [s for s in map(swap_caption_word, captions) if s is not None]
     encoder = SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
-    text = CaptionEncodings(encoder.to(device), cache.captions)
+    text = CaptionEncodings(encoder.to(device), captions)
     dit, scheduler = _initial_dit(preset.dit, init_from), PyramidFlowMatchScheduler()
 
     trainer = Trainer(config, {"dit": dit}, flow_matching_batches(cache, text, config, recipe.text_dropout,
-                                                                  scheduler.config.stages),
+                                                                  scheduler.config.stages,
+                                                                  shape_contrast=recipe.shape_contrast > 0),
                       lambda batch: batch_flow_matching_loss(trainer.modules["dit"], scheduler, batch, recipe))
     trainer.resume()
     trainer.fit()

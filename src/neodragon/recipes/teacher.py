@@ -9,12 +9,15 @@ the empty prompt so that the model can be sampled with classifier-free guidance.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..data.captions import COLOUR_WORDS, SHAPE_WORDS
 from ..models.mmdit import PyramidMMDiT
+from ..models.text import TextEncoding
 from ..schedulers import PyramidFlowMatchScheduler
 
 
@@ -24,6 +27,29 @@ class TeacherRecipe:
 
     text_dropout: float = 0.1
     history_corruption: float = 1 / 3
+    shape_contrast: float = 0.0  # weight of the shape-word hinge (0: plain flow matching)
+    contrast_margin: float = 0.1  # the swapped caption's error must exceed the true one's by this fraction
+
+
+def _next_class(words: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Each synonym -> the first synonym of the next class (another class, same caption grammar)."""
+    names = list(words)
+    return {w: words[names[(i + 1) % len(names)]][0] for i, name in enumerate(names) for w in words[name]}
+
+
+OTHER_SHAPE, OTHER_COLOUR = _next_class(SHAPE_WORDS), _next_class(COLOUR_WORDS)
+_COLOUR_SHAPE = re.compile(rf"\b({'|'.join(OTHER_COLOUR)}) ({'|'.join(sorted(OTHER_SHAPE, key=len, reverse=True))})\b")
+
+
+def swap_caption_word(caption: str, word: str = "shape") -> str | None:
+    """The caption with its object's shape (or colour) word replaced by another class's, or None unless the
+    caption names exactly one "<colour> <shape>" (one-object captions)."""
+    found = _COLOUR_SHAPE.findall(caption)
+    if len(found) != 1:
+        return None
+    colour, shape = found[0]
+    swapped = f"{colour} {OTHER_SHAPE[shape]}" if word == "shape" else f"{OTHER_COLOUR[colour]} {shape}"
+    return caption.replace(f"{colour} {shape}", swapped)
 
 
 def normalize_latents(latents: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
@@ -53,8 +79,11 @@ def sample_unit_and_stage(num_latent_frames: int, num_stages: int, seed: int, st
 
 def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, latents: torch.Tensor,
                        context: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor, unit: int, stage: int,
-                       generator: torch.Generator, recipe: TeacherRecipe) -> dict[str, torch.Tensor]:
-    """Loss at (unit, stage) for a batch of normalised clean latents ``[B, C, T, H, W]`` (whole videos)."""
+                       generator: torch.Generator, recipe: TeacherRecipe, swapped: TextEncoding | None = None,
+                       has_swap: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Loss at (unit, stage) for a batch of normalised clean latents ``[B, C, T, H, W]`` (whole videos). With
+    ``recipe.shape_contrast``, ``swapped`` holds the shape-swapped captions' encodings and ``has_swap`` [B] marks
+    the samples that have one."""
     batch = latents.shape[0]
     history = []
     if unit > 0:
@@ -67,4 +96,16 @@ def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, 
     noisy, target, timestep = scheduler.training_target(current, noise, stage, index)
     prediction = dit([history + [noisy]], context, mask, pooled, timestep.to(latents.device))[0]
     loss = F.mse_loss(prediction.float(), target.float())
-    return {"loss": loss, "unit": torch.tensor(float(unit)), "stage": torch.tensor(float(stage))}
+    out = {"unit": torch.tensor(float(unit)), "stage": torch.tensor(float(stage))}
+    if recipe.shape_contrast and swapped is not None:
+        keep = has_swap.to(latents.device)
+        hinge = prediction.new_zeros(())
+        if keep.any():
+            swap_prediction = dit([[clip[keep] for clip in history] + [noisy[keep]]], swapped.tokens[keep],
+                                  swapped.mask[keep], swapped.pooled[keep], timestep.to(latents.device)[keep])[0]
+            errors = [(p.float() - target[keep].float()).square().flatten(1).mean(1)
+                      for p in (prediction[keep], swap_prediction)]
+            hinge = F.relu((1 + recipe.contrast_margin) * errors[0] - errors[1]).mean()
+        out["contrast"] = hinge.detach()
+        loss = loss + recipe.shape_contrast * hinge
+    return {"loss": loss, **out}
