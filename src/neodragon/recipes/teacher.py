@@ -44,6 +44,8 @@ _COLOUR_SHAPE = re.compile(rf"\b({'|'.join(OTHER_COLOUR)}) ({'|'.join(sorted(OTH
 def swap_caption_word(caption: str, word: str = "shape") -> str | None:
     """The caption with its object's shape (or colour) word replaced by another class's, or None unless the
     caption names exactly one "<colour> <shape>" (one-object captions)."""
+    if word not in ("shape", "colour"):
+        raise ValueError(f"word must be 'shape' or 'colour', got {word!r}")
     found = _COLOUR_SHAPE.findall(caption)
     if len(found) != 1:
         return None
