@@ -50,7 +50,7 @@ from neodragon.models.mmdit import PyramidMMDiT
 from neodragon.pipelines.neodragon import NeodragonPipeline
 from neodragon.presets import nano_teacher_preset
 from neodragon.recipes.nano import CaptionEncodings, LatentCache, clip_batch
-from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss, swap_caption_word
+from neodragon.recipes.teacher import TeacherRecipe, contrast_hinge, flow_matching_loss, swap_caption_word
 
 SECTIONS = ("errors", "forced", "capacity", "weighting", "swap", "contrast", "shift")
 TAUS = (0.9, 0.5, 0.1)
@@ -237,7 +237,7 @@ def shape_contrast(dit: PyramidMMDiT, pipe: NeodragonPipeline, captions: list[st
         weight = coverage[keep]
         return (err.mean(1, keepdim=True) * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-6)
 
-    return F.relu((1 + margin) * object_error(error[keep]) - object_error(swapped)).mean()
+    return contrast_hinge(object_error(error[keep]), object_error(swapped), margin)
 
 
 def contrast_rows(dit_path: Path, pipe: NeodragonPipeline, cache: LatentCache, strengths: list[float], steps: int,

@@ -19,9 +19,7 @@ import torch
 from accelerate.utils import send_to_device
 
 from neodragon.models.mmdit import PyramidMMDiT
-from neodragon.models.sentence import SentenceTextEncoder
-from neodragon.presets import nano_teacher_preset
-from neodragon.recipes.nano import CaptionEncodings, LatentCache, batch_flow_matching_loss, flow_matching_batches
+from neodragon.recipes.nano import batch_flow_matching_loss, flow_matching_batches, teacher_training_data
 from neodragon.recipes.teacher import TeacherRecipe
 from neodragon.recipes.training import TrainConfig
 from neodragon.schedulers import PyramidFlowMatchScheduler
@@ -65,10 +63,9 @@ def main() -> None:
                         "(as `train teacher` did before 2026-11-26).")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    preset = nano_teacher_preset()
-    cache = LatentCache(args.latents).to(device if args.cache_device == "accelerator" else "cpu")
-    encoder = SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
-    text = CaptionEncodings(encoder.to(device), cache.captions)
+    cache, text = teacher_training_data(args.latents, TeacherRecipe(), device)
+    if args.cache_device == "cpu":
+        cache.to("cpu")
     dit = PyramidMMDiT.from_pretrained(args.dit).float().to(device)
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, {len(cache)} cached videos")
     for batch_size in args.batch_sizes:

@@ -324,15 +324,8 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
     ``LatentCache``), text from the frozen MiniLM. ``init_from`` starts a new run from a trained DiT folder (a
     ``final/`` or a bundle's transformer); a run folder with checkpoints resumes from them instead."""
     recipe = recipe or TeacherRecipe()
-    preset = nano_teacher_preset()
-    device = PartialState().device
-    cache = LatentCache(latents_dir).to(device)
-    captions = cache.captions
-    if recipe.shape_contrast:  # the swapped captions are encoded once too
-        captions = captions + [s for s in map(swap_caption_word, captions) if s is not None]
-    encoder = SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
-    text = CaptionEncodings(encoder.to(device), captions)
-    dit, scheduler = _initial_dit(preset.dit, init_from), PyramidFlowMatchScheduler()
+    cache, text = teacher_training_data(latents_dir, recipe, PartialState().device)
+    dit, scheduler = _initial_dit(nano_teacher_preset().dit, init_from), PyramidFlowMatchScheduler()
 
     trainer = Trainer(config, {"dit": dit}, flow_matching_batches(cache, text, config, recipe.text_dropout,
                                                                   scheduler.config.stages,
@@ -344,6 +337,19 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
         trainer.unwrap("dit").save_pretrained(Path(config.output_dir) / "final")
         (Path(config.output_dir) / "final" / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     trainer.accelerator.wait_for_everyone()
+
+
+def teacher_training_data(latents_dir: str | Path | Sequence[str | Path], recipe: TeacherRecipe,
+                          device: torch.device | str) -> tuple[LatentCache, CaptionEncodings]:
+    """The latent cache and the frozen MiniLM's encodings of its captions (and, with ``recipe.shape_contrast``, of
+    their shape-swapped versions), both held on ``device``."""
+    preset = nano_teacher_preset()
+    cache = LatentCache(latents_dir).to(device)
+    captions = cache.captions
+    if recipe.shape_contrast:
+        captions = captions + [s for s in map(swap_caption_word, captions) if s is not None]
+    encoder = SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
+    return cache, CaptionEncodings(encoder.to(device), captions)
 
 
 def _initial_dit(config: dict, init_from: str | Path | None) -> PyramidMMDiT:

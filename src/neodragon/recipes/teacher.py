@@ -9,6 +9,7 @@ the empty prompt so that the model can be sampled with classifier-free guidance.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ OTHER_SHAPE, OTHER_COLOUR = _next_class(SHAPE_WORDS), _next_class(COLOUR_WORDS)
 _COLOUR_SHAPE = re.compile(rf"\b({'|'.join(OTHER_COLOUR)}) ({'|'.join(sorted(OTHER_SHAPE, key=len, reverse=True))})\b")
 
 
+@functools.cache  # called for every sample of every step on a bounded set of captions
 def swap_caption_word(caption: str, word: str = "shape") -> str | None:
     """The caption with its object's shape (or colour) word replaced by another class's, or None unless the
     caption names exactly one "<colour> <shape>" (one-object captions)."""
@@ -96,7 +98,7 @@ def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, 
     noise = torch.randn(current.shape, generator=generator).to(current)
     index = torch.randint(scheduler.config.num_train_timesteps, (batch,), generator=generator)
     noisy, target, timestep = scheduler.training_target(current, noise, stage, index)
-    prediction = dit([history + [noisy]], context, mask, pooled, timestep.to(latents.device))[0]
+    prediction = dit([history + [noisy]], context, mask, pooled, timestep)[0]
     loss = F.mse_loss(prediction.float(), target.float())
     out = {"unit": torch.tensor(float(unit)), "stage": torch.tensor(float(stage))}
     if recipe.shape_contrast and swapped is not None:
@@ -104,10 +106,16 @@ def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, 
         hinge = prediction.new_zeros(())
         if keep.any():
             swap_prediction = dit([[clip[keep] for clip in history] + [noisy[keep]]], swapped.tokens[keep],
-                                  swapped.mask[keep], swapped.pooled[keep], timestep.to(latents.device)[keep])[0]
-            errors = [(p.float() - target[keep].float()).square().flatten(1).mean(1)
-                      for p in (prediction[keep], swap_prediction)]
-            hinge = F.relu((1 + recipe.contrast_margin) * errors[0] - errors[1]).mean()
+                                  swapped.mask[keep], swapped.pooled[keep], timestep[keep])[0]
+            true_error, swap_error = ((p.float() - target[keep].float()).square().flatten(1).mean(1)
+                                      for p in (prediction[keep], swap_prediction))
+            hinge = contrast_hinge(true_error, swap_error, recipe.contrast_margin)
         out["contrast"] = hinge.detach()
         loss = loss + recipe.shape_contrast * hinge
     return {"loss": loss, **out}
+
+
+def contrast_hinge(true_error: torch.Tensor, swapped_error: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean of ``relu((1 + margin) * E - E_swap)`` over samples: each true caption must fit its target better than
+    the swapped caption by the fraction ``margin``."""
+    return F.relu((1 + margin) * true_error - swapped_error).mean()

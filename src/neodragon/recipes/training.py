@@ -111,8 +111,9 @@ class Trainer:
 
     def _out_of_time(self) -> bool:
         """Update ``time_used``; True once the time budget is spent. Processes share their largest clock, so that
-        all of them use the same learning rate and stop at the same step."""
-        if self.config.max_minutes is None:
+        all of them use the same learning rate and stop at the same step. The clock is read at logging steps only:
+        sharing it synchronises the processes and the accelerator, which every step cannot afford."""
+        if self.config.max_minutes is None or self.step % self.config.log_every:
             return False
         local = torch.tensor([(time.perf_counter() - self._started) / (60 * self.config.max_minutes)],
                              device=self.accelerator.device)
