@@ -6,9 +6,11 @@ Run from the repository root once the trained nano teacher exists (the default m
     python benchmarks/exp_style_adapters.py --model <checkpoint folder> --styles neon stripes --steps 500 \\
         --prompts 8 --seeds 4 --threads 2
 
-Adapters are trained with ``neodragon.adapters.training.train_adapter`` into ``--runs`` (a rerun resumes them).
-Every variant (base, A, B, A+B) generates the first ``--prompts`` prompts of ``nano-eval`` with the same seeds,
-so the variants see the same initial noise. The markdown report is rewritten atomically after every section; the
+Adapters are trained with ``neodragon.adapters.training.train_adapter`` into ``--runs`` (a rerun resumes them),
+on the DiT (``--component dit``) or on the VAE decoder (``--component decoder``). Every variant (base, A, B, A+B)
+generates the first ``--prompts`` prompts of ``nano-eval`` with the same seeds, so the variants see the same
+initial noise; decoder adapters leave the DiT as it is, so its latents are generated once per seed and every
+variant decodes them. The markdown report is rewritten atomically after every section; the
 contact sheet (first prompt, seed 0) goes next to it as a PNG.
 """
 
@@ -30,10 +32,12 @@ from diffusers.utils import logging as diffusers_logging
 from neodragon.adapters.shira import ShiraAdapter, fuse_adapters
 from neodragon.adapters.switching import AdapterSwitcher
 from neodragon.adapters.training import (
+    COMPONENTS,
     METHODS,
     SHIRA_FILE,
     AdapterRecipe,
-    encode_style_videos,
+    adapted_module,
+    encode_training_data,
     load_adapter,
     train_adapter,
 )
@@ -46,6 +50,14 @@ from neodragon.recipes.training import TrainConfig
 from neodragon.utils.video import atomic_path
 
 CONTENT = ("shape", "colour", "motion")
+TARGETS = {"dit": "`DIT_TARGETS`", "decoder": "every `Conv2d` of the VAE decoder"}
+OBJECTIVES = {
+    "dit": "pyramidal flow matching (`recipes.teacher.flow_matching_loss`) with content-only captions (the style is "
+           "not named, so the adapter makes it the default look) and 10 % caption dropout",
+    "decoder": "style transfer: the decoder maps the frozen encoder's latent of an unstyled video to the same scene "
+               "in the style (`recipes.vae.reconstruction_losses`: object-weighted L1 + MSE + edges, on crops around "
+               "the objects, `--crop` pixels)",
+}
 LEARNT_STYLE_ACCURACY = 0.5  # the judge must read the style alone on half the videos for a concept loss
 
 
@@ -83,18 +95,23 @@ class Report(ReportHead):
 # ---------------------------------------------------------------------------------------------- training
 
 
+def recipe_for(args: argparse.Namespace, method: str, style: str) -> AdapterRecipe:
+    return AdapterRecipe(method=method, style=style, component=args.component, rank=args.rank,
+                         num_videos=args.videos, crop=args.crop)
+
+
 def train_all(pipe: NeodragonPipeline, args: argparse.Namespace, report: Report,
               save: Callable[[], None]) -> dict[str, dict[str, Path]]:
     """Both style adapters of every method; each style's videos are encoded once for the three methods."""
     folders: dict[str, dict[str, Path]] = {method: {} for method in METHODS}
     for seed, style in enumerate(args.styles, start=args.seed):  # other seeds: SHiRA masks of A and B differ
-        data = encode_style_videos(pipe, AdapterRecipe(style=style, num_videos=args.videos), seed)
+        data = encode_training_data(pipe, recipe_for(args, "shira", style), seed)
         for method in METHODS:
             print(f"training {method} on {style} ...", file=sys.stderr, flush=True)
             config = TrainConfig(output_dir=str(args.runs / f"{method}-{style}"), max_steps=args.steps,
                                  batch_size=args.batch_size, learning_rate=args.lr, seed=seed,
                                  warmup_steps=min(100, max(1, args.steps // 10)), save_every=max(1, args.steps // 4))
-            recipe = AdapterRecipe(method=method, style=style, rank=args.rank, num_videos=args.videos)
+            recipe = recipe_for(args, method, style)
             start = time.perf_counter()
             run = train_adapter(pipe, config, recipe, data)
             folders[method][style] = run.path
@@ -110,22 +127,22 @@ def train_all(pipe: NeodragonPipeline, args: argparse.Namespace, report: Report,
 
 
 @contextmanager
-def adapters_on(method: str, pipe: NeodragonPipeline,
+def adapters_on(method: str, module: torch.nn.Module,
                 folders: dict[str, Path]) -> Iterator[Callable[[Sequence[str]], None]]:
-    """Load a method's style adapters onto the pipeline's DiT; yields ``activate(styles)``, which makes exactly
-    those adapters act. SHiRA: their ``fuse_adapters`` sum scattered into the weights (``AdapterSwitcher``); LoRA:
-    PEFT with those adapters active; FouRA: the same, composed at strength 1 each (``set_strengths``). The DiT
-    gets its original weights and layers back on exit."""
+    """Load a method's style adapters onto the pipeline's adapted module (DiT or decoder); yields
+    ``activate(styles)``, which makes exactly those adapters act. SHiRA: their ``fuse_adapters`` sum scattered into
+    the weights (``AdapterSwitcher``); LoRA: PEFT with those adapters active; FouRA: the same, composed at strength 1
+    each (``set_strengths``). The module gets its original weights and layers back on exit."""
     if method == "shira":
         adapters = {style: ShiraAdapter.load(folder / SHIRA_FILE) for style, folder in folders.items()}
-        switcher = AdapterSwitcher(pipe.transformer)
+        switcher = AdapterSwitcher(module)
         try:
             yield lambda styles: switcher.apply(fuse_adapters([adapters[s] for s in styles]))
         finally:
             switcher.restore()
         return
     first, *others = folders
-    model = load_adapter(pipe.transformer, folders[first], adapter_name=first)
+    model = load_adapter(module, folders[first], adapter_name=first)
     for style in others:
         model.load_adapter(str(folders[style]), adapter_name=style)
 
@@ -141,15 +158,27 @@ def adapters_on(method: str, pipe: NeodragonPipeline,
 
 
 @torch.no_grad()
-def judge_variant(pipe: NeodragonPipeline, judge: Judge, entries: Sequence[PromptEntry],
-                  args: argparse.Namespace) -> Judged:
-    """Generate every prompt with every seed (one batch per seed) and judge the videos."""
+def generate(pipe: NeodragonPipeline, entries: Sequence[PromptEntry], seed: int, args: argparse.Namespace,
+             latents: dict[int, torch.Tensor]) -> torch.Tensor:
+    """One seed's videos ``[B, 3, T, H, W]`` in [-1, 1] (the judge's input). With decoder adapters the DiT's
+    latents are the same for every variant: they are generated once per seed (``latents``) and decoded."""
     steps = {"num_inference_steps": args.sample_steps, "video_num_inference_steps": args.sample_steps}
+    call = {"generator": torch.Generator().manual_seed(seed), **(steps if args.sample_steps else {})}
+    captions = [e.caption for e in entries]
+    if args.component == "dit":
+        return pipe(captions, output_type="pt", **call).frames.float().transpose(1, 2) * 2 - 1
+    if seed not in latents:
+        latents[seed] = pipe(captions, output_type="latent", **call).frames
+    return pipe.decode_latents(latents[seed]).clamp(-1, 1)
+
+
+@torch.no_grad()
+def judge_variant(pipe: NeodragonPipeline, judge: Judge, entries: Sequence[PromptEntry],
+                  args: argparse.Namespace, latents: dict[int, torch.Tensor]) -> Judged:
+    """Generate every prompt with every seed (one batch per seed) and judge the videos."""
     scenes, features, probs, sheet = [], [], [], None
     for seed in range(args.seeds):
-        frames = pipe([e.caption for e in entries], generator=torch.Generator().manual_seed(seed), output_type="pt",
-                      **(steps if args.sample_steps else {})).frames
-        videos = frames.float().transpose(1, 2) * 2 - 1  # [B, 3, T, H, W] in [-1, 1], the judge's input
+        videos = generate(pipe, entries, seed, args, latents)
         predicted, feats = judge.predict(videos)
         scenes += predicted
         features.append(feats)
@@ -188,13 +217,12 @@ def render(report: Report, args: argparse.Namespace, entries: Sequence[PromptEnt
                             "other processes sharing the cores slow the run down, they do not change the scores")
     lines += ["", "## Setup", "",
               f"- Model: `{args.model}` (monolithic DiT, float32). Styles A = `{a}`, B = `{b}` (ShapesWorld).",
-              f"- Adapters: `neodragon.adapters.training.train_adapter`, budget r = {args.rank} (r x (in + out) "
-              "trainable numbers per `DIT_TARGETS` layer for all three methods: SHiRA random mask, PEFT LoRA with "
+              f"- Adapters on the **{args.component}**: `neodragon.adapters.training.train_adapter`, budget "
+              f"r = {args.rank} (r x (fan_in + out) trainable numbers per targeted layer "
+              f"({TARGETS[args.component]}) for all three methods: SHiRA random mask, PEFT LoRA with "
               "`matching_lora_config`, FouRA DCT without gate, alpha = r).",
-              f"- Training: pyramidal flow matching (`recipes.teacher.flow_matching_loss`), {args.steps} steps, batch "
-              f"{args.batch_size}, AdamW lr {args.lr:g} (warm-up, cosine), on {args.videos} train-split videos of the "
-              "style with content-only captions (the style is not named, so the adapter makes it the default look), "
-              "10 % caption dropout. Style A uses seed "
+              f"- Training: {OBJECTIVES[args.component]}, {args.steps} steps, batch {args.batch_size}, AdamW lr "
+              f"{args.lr:g} (warm-up, cosine), on {args.videos} train-split videos of the style. Style A uses seed "
               f"{args.seed}, style B seed {args.seed + 1} (different SHiRA masks).",
               f"- Generation: the first {len(entries)} prompts of `nano-eval` x {args.seeds} seeds (one batch per "
               "seed: every variant starts from the same noise), "
@@ -253,6 +281,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("docs/results/adapters-style.md"))
     parser.add_argument("--runs", type=Path, default=Path("runs/style-adapters"), help="adapter runs (resumable)")
+    parser.add_argument("--component", choices=COMPONENTS, default="dit", help="module the adapters train on")
+    parser.add_argument("--crop", type=int, default=48, help="decoder adapters: training crop in pixels")
     parser.add_argument("--rank", type=int, default=1, help="budget: r x (in + out) per layer, every method")
     parser.add_argument("--videos", type=int, default=64, help="training videos per style")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -284,13 +314,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     folders = train_all(pipe, args, report, save)
     report.load["after training"] = os.getloadavg()
     print("generating: base ...", file=sys.stderr, flush=True)
-    report.judged["base"] = judge_variant(pipe, judge, entries, args)
+    latents: dict[int, torch.Tensor] = {}
+    report.judged["base"] = judge_variant(pipe, judge, entries, args, latents)
     for method in METHODS:
-        with adapters_on(method, pipe, folders[method]) as activate:
+        with adapters_on(method, adapted_module(pipe, args.component), folders[method]) as activate:
             for styles in ([args.styles[0]], [args.styles[1]], args.styles):
                 print(f"generating: {method} {'+'.join(styles)} ...", file=sys.stderr, flush=True)
                 activate(styles)
-                report.judged[f"{method} {'+'.join(styles)}"] = judge_variant(pipe, judge, entries, args)
+                report.judged[f"{method} {'+'.join(styles)}"] = judge_variant(pipe, judge, entries, args, latents)
         save()
     write_sheet(report, entries, args.out.with_suffix(".png"))
     save(finished=True)

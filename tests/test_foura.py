@@ -7,7 +7,7 @@ from peft import PeftModel, get_peft_model
 from test_shira import dit_inputs, tiny_dit
 from torch import nn
 
-from neodragon.adapters.foura import GATES, TRANSFORMS, FouraConfig, FouraLinear, frequency_basis
+from neodragon.adapters.foura import GATES, TRANSFORMS, FouraConfig, FouraConv2d, FouraLinear, frequency_basis
 from neodragon.adapters.shira import DIT_TARGETS
 
 
@@ -171,8 +171,58 @@ def test_clear_errors(tmp_path):
     get_peft_model(tiny_dit(), FouraConfig(r=2, target_modules=DIT_TARGETS)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="another model configuration"):
         PeftModel.from_pretrained(tiny_dit(attention_head_dim=24), tmp_path)
-    with pytest.raises(TypeError, match="nn.Linear layers only"):
-        get_peft_model(nn.Sequential(nn.Conv2d(3, 3, 1)), FouraConfig(target_modules=["0"]))
+    with pytest.raises(TypeError, match="nn.Linear and nn.Conv2d layers only"):
+        get_peft_model(nn.Sequential(nn.Conv1d(3, 3, 1)), FouraConfig(target_modules=["0"]))
+    with pytest.raises(TypeError, match="plain convolutions"):
+        get_peft_model(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), FouraConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match="does not apply to Conv2d"):
+        get_peft_model(convnet(), FouraConfig(target_modules=["0"], token_transform=True))
     for bad in ({"gate": "soft"}, {"transform": "wavelet"}, {"r": 0}):
         with pytest.raises(ValueError):
             FouraConfig(target_modules=["0"], **bad)
+
+
+def convnet() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(6, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 5, 3, stride=2, padding=2,
+                                                                            dilation=2))
+
+
+def test_conv_adapter_is_lora_sized_and_equals_its_definition():
+    """On a Conv2d, A is a conv with the base kernel in the input-channel frequency basis and B a 1 x 1 conv in
+    the output one: the output equals that formula computed by hand."""
+    x = torch.randn(2, 6, 9, 9, generator=torch.Generator().manual_seed(1))
+    model = foura(convnet(), r=3, transform="rfft")
+    layer = model.base_model.model[2]
+    assert isinstance(model.base_model.model[0], FouraConv2d) and isinstance(layer, FouraConv2d)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 3 * (6 * 9 + 12) + 3 * (12 * 9 + 5)  # PEFT's conv LoRA count: r * (in * k * k + out)
+    h = torch.randn(2, 12, 9, 9, generator=torch.Generator().manual_seed(2))
+    a = torch.einsum("rf...,fi->ri...", layer.foura_A["default"], frequency_basis("rfft", 12))
+    b = frequency_basis("rfft", 5).T @ layer.foura_B["default"]
+    low = nn.functional.conv2d(h, a, stride=2, padding=2, dilation=2)
+    expected = layer.base_layer(h) + nn.functional.conv2d(low, b[:, :, None, None]) * layer.scaling["default"]
+    torch.testing.assert_close(layer(h), expected, rtol=0, atol=1e-5)
+    assert model(x).shape == convnet()(x).shape
+
+
+@pytest.mark.parametrize("gate", ["none", "frozen"])
+def test_conv_merge_matches_unmerged_outputs(gate):
+    x = torch.randn(2, 6, 9, 9, generator=torch.Generator().manual_seed(1))
+    model = foura(convnet(), gate=gate)
+    if gate == "frozen":
+        model.base_model.model[2].foura_mask["default"] = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    unmerged = model(x)
+    assert not torch.allclose(unmerged, convnet()(x), atol=1e-3)  # the adapter acts
+    plain = model.merge_and_unload()
+    assert isinstance(plain[2], nn.Conv2d)
+    torch.testing.assert_close(plain(x), unmerged, rtol=0, atol=1e-5)
+
+
+def test_conv_adaptive_gate_trains_and_stays_unmerged():
+    model = foura(convnet(), gate="adaptive")
+    model(torch.randn(2, 6, 9, 9)).square().mean().backward()
+    gate_grads = [p.grad for n, p in model.named_parameters() if ".foura_gate." in n]
+    assert gate_grads and all(g is not None for g in gate_grads)
+    with pytest.raises(ValueError, match="input-adaptive gate"):
+        model.merge_adapter()

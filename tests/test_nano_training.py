@@ -240,7 +240,7 @@ def test_teacher_init_from_loads_a_trained_dit(latents, tmp_path):
 
     other = dict(nano_teacher_preset().dit, num_layers=1)
     PyramidMMDiT(**other).save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="not a nano teacher DiT"):
+    with pytest.raises(ValueError, match="not a nano teacher DiT of this size"):
         train_teacher(config(tmp_path / "bad", 1), latents, init_from=tmp_path / "other")
 
 
@@ -288,3 +288,25 @@ def test_teacher_step_with_shape_contrast_logs_the_hinge(latents, tmp_path):
     train_teacher(config(tmp_path / "dit", 1, batch_size=6), latents, TeacherRecipe(shape_contrast=0.5))
     record = read_log(tmp_path / "dit")[-1]
     assert record["contrast"] >= 0 and record["loss"] > 0
+
+
+def test_teacher_size_options_train_export_and_load(vae_run, latents, tmp_path):
+    from typer.testing import CliRunner
+
+    from neodragon.recipes.cli import app
+
+    args = ["teacher", "--latents", str(latents), "-o", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
+            "--layers", "2", "--heads", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    dit = PyramidMMDiT.from_pretrained(tmp_path / "run" / "final")
+    assert (dit.config.num_layers, dit.config.num_attention_heads, dit.config.caption_projection_dim) == (2, 2, 64)
+    assert sum(p.numel() for p in dit.parameters()) < sum(
+        p.numel() for p in PyramidMMDiT(**nano_teacher_preset().dit).parameters())
+    pipe = NeodragonPipeline.from_pretrained(export_teacher(vae_run[0] / "final", tmp_path / "run" / "final",
+                                                            tmp_path / "export"), torch_dtype=torch.float32)
+    assert pipe.transformer.config.num_layers == 2
+    with pytest.raises(ValueError, match="give the --layers / --heads"):  # init from a DiT of another size
+        train_teacher(config(tmp_path / "bad", 1), latents, init_from=tmp_path / "run" / "final")
+    result = CliRunner().invoke(app, [*args[:5], "--layers", "0"])
+    assert result.exit_code == 2 and "layers must be >= 1" in result.output

@@ -66,6 +66,8 @@ def generate(
     fps: int = typer.Option(None, "--fps", help="Frames per second of the mp4 (default: the model's)."),
     preview: Path = typer.Option(None, "--preview", help="Also write a contact sheet (.png) or animation (.gif)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    adapter: list[Path] = typer.Option(None, "--adapter", help="A trained adapter folder (the final/ of "
+                                       "`neodragon adapter train`); repeat to apply several together."),
 ) -> None:
     """Generate a video from a text prompt and write it as an mp4."""
     import torch
@@ -89,6 +91,14 @@ def generate(
         for warning in caught:
             if "weights" in str(warning.message):
                 console.print(f"[bold yellow]warning:[/] {warning.message}")
+        if adapter:
+            from .adapters.training import attach_trained_adapters
+
+            try:
+                attach_trained_adapters(pipe, adapter)
+            except RuntimeError as err:  # PEFT's state-dict size mismatch
+                _fail(f"an adapter does not fit this model ({str(err).splitlines()[0]}); use adapters trained for "
+                      f"--model {model}.")
         pipe.to(device)
         step_list, video_step_list = _parse_steps(steps), _parse_steps(video_steps)
         frames = pipe(

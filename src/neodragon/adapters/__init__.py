@@ -16,7 +16,7 @@ _LAZY = {
                      "fuse_adapters", "get_shira", "orthogonality", "overlap_stats", "remove_shira"),
                     "neodragon.adapters.shira"),
     "AdapterSwitcher": "neodragon.adapters.switching",
-    **dict.fromkeys(("FouraConfig", "FouraModel", "FouraLinear"), "neodragon.adapters.foura"),
+    **dict.fromkeys(("FouraConfig", "FouraModel", "FouraLinear", "FouraConv2d"), "neodragon.adapters.foura"),
     **dict.fromkeys(("matching_lora_config", "lora_param_count"), "neodragon.adapters.lora"),
     **dict.fromkeys(("AdapterRecipe", "METHODS", "StyleData", "TrainedAdapter", "encode_style_videos", "load_adapter",
                      "read_info", "train_adapter"), "neodragon.adapters.training"),

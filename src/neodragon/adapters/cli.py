@@ -159,8 +159,12 @@ def fuse(
 @app.command()
 def train(
     model: str = typer.Argument(..., help="Checkpoint folder (or a preset: 'nano', 'nano-teacher') whose "
-                                "monolithic DiT is adapted."),
+                                "monolithic DiT or VAE decoder is adapted."),
     style: str = typer.Option(..., "--style", help="ShapesWorld style to learn, e.g. neon or stripes."),
+    component: str = typer.Option("dit", "--component", help="dit (pyramidal flow matching on styled videos) or "
+                                  "decoder (style transfer from the latents of unstyled videos)."),
+    crop: int = typer.Option(48, "--crop", help="decoder: square training crop in pixels, a multiple of the "
+                             "VAE's spatial factor (0: whole frames)."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder: checkpoints, log.jsonl and final/ (the "
                                 "adapter). A run resumes from its newest checkpoint."),
     method: str = typer.Option("shira", "--method", help="shira, lora (PEFT) or foura (PEFT)."),
@@ -183,21 +187,23 @@ def train(
                                           "default look)."),
     text_dropout: float = typer.Option(0.1, "--text-dropout", help="Fraction of captions dropped (for CFG)."),
 ) -> None:
-    """Train one style adapter (SHiRA, LoRA or FouRA at an equal budget) with pyramidal flow matching."""
+    """Train one style adapter (SHiRA, LoRA or FouRA at an equal budget) on the DiT or the VAE decoder."""
     from ..recipes.training import TrainConfig
     from .training import AdapterRecipe
 
     try:
-        recipe = AdapterRecipe(method=method, style=style, rank=1 if rank is None and density is None else rank,
-                               density=density, strategy=strategy, num_videos=videos, num_frames=num_frames,
-                               height=size, width=size, style_in_caption=style_in_caption, text_dropout=text_dropout)
+        recipe = AdapterRecipe(method=method, style=style, component=component, crop=crop,
+                               rank=1 if rank is None and density is None else rank, density=density,
+                               strategy=strategy, num_videos=videos, num_frames=num_frames, height=size, width=size,
+                               style_in_caption=style_in_caption, text_dropout=text_dropout)
     except ValueError as err:
         _fail(str(err))
     config = TrainConfig(output_dir=str(output), max_steps=steps, batch_size=batch_size, learning_rate=lr,
                          save_every=save_every, seed=seed, warmup_steps=min(100, max(1, steps // 10)))
     run = _train(model, config, recipe)
-    console.print(f"wrote [bold]{run.path}[/]: {recipe.method} adapter for style {recipe.style!r}, "
-                  f"{run.parameters:,} trainable numbers, loss {run.record.get('loss', float('nan')):.4f}")
+    console.print(f"wrote [bold]{run.path}[/]: {recipe.method} {recipe.component} adapter for style "
+                  f"{recipe.style!r}, {run.parameters:,} trainable numbers, "
+                  f"loss {run.record.get('loss', float('nan')):.4f}")
 
 
 def _train(model: str, config: TrainConfig, recipe: AdapterRecipe) -> TrainedAdapter:

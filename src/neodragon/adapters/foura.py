@@ -25,6 +25,11 @@ Design choices (the published material leaves them open; see ``shared/reference/
   gate the two token transforms cancel exactly, so they are skipped.
 - **Merging** is allowed for ``none`` and ``frozen`` gates: ``dW = scaling * F_out^T B diag(m) A F_in``.
   Adaptive gates are not linear in the input; merging one raises, and it runs as a side branch.
+- **Convolutions** (``nn.Conv2d``, e.g. a VAE decoder's): F acts on the input and output channels as for a
+  Linear; A is a conv with the base layer's kernel, stride, padding and dilation (``[r, in, kh, kw]``) and B a
+  1 x 1 conv, as in PEFT's conv LoRA, so the parameter count is ``r * (in * kh * kw + out)`` and the merged
+  delta is the kernel ``F_out^T B diag(m) (A F_in)``. Gates act per pixel over the r channels; the token-axis
+  transform is for token sequences and is refused on convs.
 - **Initialisation** follows LoRA: A Kaiming-uniform, B zero (a no-op at step 0), ``scaling = alpha / r``
   times the strength set with ``set_scale``. Several adapters compose by adding their branches.
 """
@@ -111,7 +116,7 @@ class FouraConfig(PeftConfig):
         token_transform: also transform along the token axis (used by the adaptive gate).
         gate: ``"none"``, ``"frozen"`` (a fixed 0/1 mask over the r components) or ``"adaptive"``.
         gate_hidden: hidden width of the adaptive gate's MLP.
-        target_modules: ``nn.Linear`` modules, as names/suffixes or a full-match regex.
+        target_modules: ``nn.Linear`` or ``nn.Conv2d`` modules, as names/suffixes or a full-match regex.
         init_weights: ``True`` makes B zero (a no-op adapter); ``False`` random (for tests).
         modules_to_save: extra modules trained and saved in full.
     """
@@ -122,7 +127,7 @@ class FouraConfig(PeftConfig):
     token_transform: bool = field(default=False, metadata={"help": "Also transform along the token axis."})
     gate: str = field(default="none", metadata={"help": "'none', 'frozen' or 'adaptive'."})
     gate_hidden: int = field(default=16, metadata={"help": "Hidden width of the adaptive gate MLP."})
-    target_modules: list[str] | str | None = field(default=None, metadata={"help": "Linear modules to adapt."})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "Linear / Conv2d modules."})
     init_weights: bool = field(default=True, metadata={"help": "Zero B (no-op start); False for tests."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train."})
 
@@ -164,15 +169,23 @@ class FouraLayer(BaseTunerLayer):
         self.merged_adapters = []
         # per adapter [r + 1]: tokens that used each component, then the token count (FouraModel.gate_usage)
         self.gate_usage: dict[str, torch.Tensor] | None = None
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        if isinstance(base_layer, nn.Conv2d):
+            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+            self.kernel_size: tuple[int, ...] = tuple(base_layer.kernel_size)
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+            self.kernel_size = ()
 
     def update_layer(self, adapter_name: str, config: FouraConfig, inference_mode: bool = False) -> None:
         r = config.r
+        if self.kernel_size and config.token_transform:
+            raise ValueError("token_transform transforms a token sequence; it does not apply to Conv2d layers. "
+                             "Leave it off, or target Linear layers only.")
         self.r[adapter_name], self.foura_alpha[adapter_name] = r, config.foura_alpha
         self.scaling[adapter_name] = config.foura_alpha / r
         self.transform[adapter_name], self.token_transform[adapter_name] = config.transform, config.token_transform
         self.gate_mode[adapter_name] = config.gate
-        self.foura_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        self.foura_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features, *self.kernel_size))
         self.foura_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r))
         nn.init.kaiming_uniform_(self.foura_A[adapter_name], a=math.sqrt(5))
         if config.init_weights:
@@ -195,10 +208,10 @@ class FouraLayer(BaseTunerLayer):
             self.scaling[adapter_name] = scale * self.foura_alpha[adapter_name] / self.r[adapter_name]
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The projections in the signal domain: ``A F_in`` ``[r, in]`` and ``F_out^T B`` ``[out, r]``."""
+        """The projections in the signal domain: ``A F_in`` ``[r, in, *kernel]`` and ``F_out^T B`` ``[out, r]``."""
         a, b = self.foura_A[adapter_name], self.foura_B[adapter_name]
         kind = self.transform[adapter_name]
-        return (a @ frequency_basis(kind, self.in_features, a.device, a.dtype),
+        return (torch.einsum("rf...,fi->ri...", a, frequency_basis(kind, self.in_features, a.device, a.dtype)),
                 frequency_basis(kind, self.out_features, b.device, b.dtype).T @ b)
 
     def _adaptive_gate(self, adapter_name: str, z: torch.Tensor) -> torch.Tensor:
@@ -217,30 +230,36 @@ class FouraLayer(BaseTunerLayer):
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """This adapter's additive contribution to the layer output."""
         a_eff, b_eff = self._factors(adapter_name)
-        z = F.linear(self._cast_input_dtype(x, a_eff.dtype), a_eff)
+        x = self._cast_input_dtype(x, a_eff.dtype)
+        if self.kernel_size:  # channels first: the gates see [..., r] per pixel
+            base = self.get_base_layer()
+            z = F.conv2d(x, a_eff, None, base.stride, base.padding, base.dilation).movedim(1, -1)
+        else:
+            z = F.linear(x, a_eff)
         gate = self.gate_mode[adapter_name]
         if gate == "frozen":
             z = z * self.foura_mask[adapter_name]
         elif gate == "adaptive":
             z = self._adaptive_gate(adapter_name, z)
-        return F.linear(z, b_eff) * self.scaling[adapter_name]
+        out = F.linear(z, b_eff)
+        return (out.movedim(-1, 1) if self.kernel_size else out) * self.scaling[adapter_name]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``dW`` ``[out, in]`` of a mergeable (non-adaptive) adapter."""
+        """``dW`` ``[out, in, *kernel]`` of a mergeable (non-adaptive) adapter."""
         if self.gate_mode[adapter_name] == "adaptive":
             raise ValueError(f"FouRA adapter {adapter_name!r} has an input-adaptive gate, which is not linear in the "
                              "input and has no weight delta; it runs unmerged. Merge only the other adapters "
                              "(adapter_names=[...]) or freeze its gate first (FouraModel.freeze_gates).")
         a_eff, b_eff = self._factors(adapter_name)
         if self.gate_mode[adapter_name] == "frozen":
-            a_eff = a_eff * self.foura_mask[adapter_name][:, None]
-        return (b_eff @ a_eff) * self.scaling[adapter_name]
+            a_eff = a_eff * self.foura_mask[adapter_name].view(-1, *[1] * (a_eff.ndim - 1))
+        return torch.einsum("or,ri...->oi...", b_eff, a_eff) * self.scaling[adapter_name]
 
 
 class FouraLinear(nn.Module, FouraLayer):
-    """An ``nn.Linear`` with FouRA adapters."""
+    """An ``nn.Linear`` (or, as ``FouraConv2d``, an ``nn.Conv2d``) with FouRA adapters."""
 
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: FouraConfig) -> None:
+    def __init__(self, base_layer: nn.Linear | nn.Conv2d, adapter_name: str, config: FouraConfig) -> None:
         super().__init__()
         FouraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
@@ -280,11 +299,16 @@ class FouraLinear(nn.Module, FouraLayer):
         return "foura." + super().__repr__()
 
 
+class FouraConv2d(FouraLinear):
+    """An ``nn.Conv2d`` with FouRA adapters: A is a conv with the base kernel, B a 1 x 1 conv (module docstring);
+    merging, unmerging and the forward are ``FouraLinear``'s, which dispatch on ``kernel_size``."""
+
+
 # ---------------------------------------------------------------------------------------------- model
 
 
 class FouraModel(BaseTuner):
-    """PEFT tuner that wraps the targeted ``nn.Linear`` layers in ``FouraLinear``."""
+    """PEFT tuner that wraps the targeted ``nn.Linear`` / ``nn.Conv2d`` layers in ``FouraLinear`` / ``FouraConv2d``."""
 
     prefix: str = "foura_"
     tuner_layer_cls = FouraLayer
@@ -295,10 +319,17 @@ class FouraModel(BaseTuner):
         if isinstance(target, FouraLayer):
             target.update_layer(adapter_name, foura_config)
             return
-        if not isinstance(target, nn.Linear):
-            raise TypeError(f"FouRA adapts nn.Linear layers only, but target_modules matched {current_key!r} "
-                            f"({type(target).__name__}). Narrow target_modules to Linear layers.")
-        new_module = FouraLinear(target, adapter_name, foura_config)
+        if isinstance(target, nn.Conv2d):
+            if target.groups != 1 or target.padding_mode != "zeros":
+                raise TypeError(f"FouRA adapts plain convolutions only, but {current_key!r} has groups="
+                                f"{target.groups} and padding_mode={target.padding_mode!r}. Leave it out of "
+                                "target_modules.")
+            new_module = FouraConv2d(target, adapter_name, foura_config)
+        elif isinstance(target, nn.Linear):
+            new_module = FouraLinear(target, adapter_name, foura_config)
+        else:
+            raise TypeError(f"FouRA adapts nn.Linear and nn.Conv2d layers only, but target_modules matched "
+                            f"{current_key!r} ({type(target).__name__}). Narrow target_modules to those layers.")
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until it is activated
         self._replace_module(parent, target_name, new_module, target)

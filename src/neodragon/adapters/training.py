@@ -1,5 +1,6 @@
 """Adapter training for personalisation: one SHiRA, LoRA or FouRA adapter on a checkpoint's DiT, learnt with the
-teacher's pyramidal flow matching (``recipes.teacher``) on ShapesWorld videos of one style.
+teacher's pyramidal flow matching (``recipes.teacher``) on ShapesWorld videos of one style, or on its VAE decoder,
+learnt as a style transfer from the latents of unstyled videos to the same scenes in the style.
 
 Design choices:
 
@@ -9,14 +10,20 @@ Design choices:
   (1.6 % of each attention weight, 1.0 % of each feed-forward weight), the 1-2 % of the SHiRA paper. A density
   budget is accepted too; LoRA then takes the nearest rank per layer and FouRA the single rank nearest to SHiRA's
   total, which match it only roughly on narrow layers (1 % of a 128 x 128 weight is 0.64 of a rank).
-- **Targets and start.** ``DIT_TARGETS`` for all three; LoRA and FouRA use ``alpha = r`` (scaling 1, SHiRA's
+- **Components.** ``"dit"`` adapts ``DIT_TARGETS``. ``"decoder"`` adapts every ``Conv2d`` of the VAE decoder:
+  a ShapesWorld style is a rendering transform (glow, outline, mosaic), and the decoder is where a nano model's
+  fine detail is made (the nano DiT does not learn detail that fine, docs/results/adapters-style.md). The
+  decoder learns it from pairs: the frozen encoder's posterior mean of an unstyled video, and the same scene
+  rendered in the style, scored with the VAE's reconstruction terms on crops placed around the objects.
+- **Targets and start.** The component's targets for all three; LoRA and FouRA use ``alpha = r`` (scaling 1, SHiRA's
   convention). Every adapter starts as a no-op (zero values, zero B).
 - **Data.** Items ``0 .. num_videos - 1`` of ShapesWorld's train split rendered in the style at the checkpoint's
   geometry, encoded once by the checkpoint's VAE (posterior mean) and normalised with its latent constants. The
   captions describe the content only (the same item's unstyled caption), so the adapter makes the style the
   model's default look rather than teaching a new word (``style_in_caption`` keeps the style words). Captions
   are dropped to the empty prompt as in the teacher's recipe, so the unconditional branch of CFG learns the
-  style as well.
+  style as well. A decoder adapter's pairs are the same items: the unstyled render's posterior mean (not
+  normalised: the decoder reads raw latents) and the styled render.
 - **Runs** go through ``recipes.training.Trainer``: seeded (masks and initial weights come from the seed) and
   resumable. The DiT is trained as a copy, so the pipeline passed in is left as it was.
 - **Output.** ``<output>/final/``: ``adapter.json`` (method, style, budget, parameter count) and the weights,
@@ -34,6 +41,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from peft import PeftModel, get_peft_model
@@ -42,17 +50,36 @@ from torch import nn
 from ..data import STYLES, sample
 from ..models.text import TextEncoding
 from ..pipelines.neodragon import NeodragonPipeline
-from ..recipes.nano import CaptionEncodings, LatentCache, batch_flow_matching_loss, flow_matching_batches
+from ..recipes.nano import (
+    CaptionEncodings,
+    LatentCache,
+    batch_flow_matching_loss,
+    flow_matching_batches,
+    object_crop_offset,
+)
 from ..recipes.teacher import (
     TeacherRecipe,
     normalize_latents,
 )
-from ..recipes.training import TrainConfig, Trainer, read_log
+from ..recipes.training import TrainConfig, Trainer, cycle_indices, read_log
+from ..recipes.vae import VAELossWeights, reconstruction_losses
 from .foura import FouraConfig
 from .lora import matching_lora_config
-from .shira import MaskSpec, ShiraAdapter, add_shira, build_shira, get_shira, matrix_shape, names_regex
+from .shira import (
+    DIT_TARGETS,
+    MaskSpec,
+    ShiraAdapter,
+    add_shira,
+    build_shira,
+    fuse_adapters,
+    get_shira,
+    matrix_shape,
+    names_regex,
+)
+from .switching import AdapterSwitcher
 
 METHODS = ("shira", "lora", "foura")
+COMPONENTS = ("dit", "decoder")
 FINAL = "final"
 INFO_FILE = "adapter.json"
 SHIRA_FILE = "adapter.safetensors"
@@ -60,16 +87,25 @@ ENCODE_BATCH = 8  # videos per VAE call while encoding the training set
 CALIBRATION_STEPS = 4  # first training batches, whose gradients score the entries of grad / snip masks
 
 
+def _check_component(component: str) -> None:
+    if component not in COMPONENTS:
+        raise ValueError(f"Unknown component {component!r}; adapters train on one of {', '.join(COMPONENTS)}.")
+
+
 @dataclass
 class AdapterRecipe:
     """Which adapter is trained on which videos; the optimisation settings are ``TrainConfig``'s.
 
     The budget is ``rank`` (``r * (in + out)`` per layer) or ``density`` (SHiRA's fraction of each weight), not
-    both. ``num_frames``, ``height`` and ``width`` default to the checkpoint's generation geometry.
+    both. ``num_frames``, ``height`` and ``width`` default to the checkpoint's generation geometry. ``component``
+    is the adapted module (module docstring); ``crop`` is the decoder's square training crop in pixels (a multiple
+    of the VAE's spatial factor; 0: whole frames).
     """
 
     method: str = "shira"
     style: str = "neon"
+    component: str = "dit"
+    crop: int = 48
     rank: int | None = 1
     density: float | None = None
     strategy: str = "random"
@@ -83,6 +119,9 @@ class AdapterRecipe:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"Unknown adapter method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        _check_component(self.component)
+        if self.crop < 0:
+            raise ValueError(f"crop must be >= 0 pixels (0: whole frames), got {self.crop}.")
         if self.style not in STYLES:
             raise ValueError(f"Unknown style {self.style!r}; ShapesWorld's styles are {', '.join(STYLES)}.")
         if self.num_videos < 1:
@@ -93,9 +132,10 @@ class AdapterRecipe:
             raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}.")
         self.mask_spec(0)  # budget and strategy errors now, not after the data is encoded
 
-    def mask_spec(self, seed: int) -> MaskSpec:
+    def mask_spec(self, seed: int, target_modules: str | list[str] = DIT_TARGETS) -> MaskSpec:
         """SHiRA's masks for this budget; their entry count also sizes the LoRA and FouRA ranks."""
-        return MaskSpec(strategy=self.strategy, density=self.density, r=self.rank, seed=seed)
+        return MaskSpec(target_modules=target_modules, strategy=self.strategy, density=self.density, r=self.rank,
+                        seed=seed)
 
 
 class StyleData(LatentCache):
@@ -108,8 +148,19 @@ class StyleData(LatentCache):
 
 
 @dataclass
+class StylePairs:
+    """A decoder adapter's training set in memory: the frozen encoder's posterior means of unstyled videos
+    ``[N, C, T, h, w]``, the same scenes rendered in the style ``[N, 3, F, H, W]`` (float16, they are large) and
+    the objects' coverage ``[N, F, H, W]`` (float16), which places the crops and weighs the loss."""
+
+    latents: torch.Tensor
+    videos: torch.Tensor
+    coverage: torch.Tensor
+
+
+@dataclass
 class TrainedAdapter:
-    """A finished run: the adapter folder, the trained (wrapped) DiT copy and the run's last log record."""
+    """A finished run: the adapter folder, the trained (wrapped) copy of the component and its last log record."""
 
     path: Path
     model: nn.Module
@@ -156,7 +207,69 @@ def encode_style_videos(pipe: NeodragonPipeline, recipe: AdapterRecipe, seed: in
     return StyleData(torch.cat(latents), [caption + modifier for caption in captions])
 
 
+@torch.no_grad()
+def encode_style_pairs(pipe: NeodragonPipeline, recipe: AdapterRecipe, seed: int = 0) -> StylePairs:
+    """Render each training scene unstyled and in the recipe's style; encode the unstyled one with the VAE."""
+    geometry = _geometry(pipe, recipe)
+    latents, videos, coverage = [], [], []
+    for start in range(0, recipe.num_videos, ENCODE_BATCH):
+        indices = range(start, min(start + ENCODE_BATCH, recipe.num_videos))
+        plain = torch.stack([sample("train", i, seed, **geometry).video for i in indices])
+        styled = [sample("train", i, seed, styles=(recipe.style,), **geometry) for i in indices]
+        latents.append(pipe.vae.encode(plain.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean.float().cpu())
+        videos.append(torch.stack([item.video for item in styled]).half())
+        coverage.append(torch.stack([item.coverage for item in styled]).half())
+    return StylePairs(torch.cat(latents), torch.cat(videos), torch.cat(coverage))
+
+
+def _decoder_objective(pipe: NeodragonPipeline, data: StylePairs, config: TrainConfig, recipe: AdapterRecipe,
+                       device: torch.device):
+    """``batch_fn`` and ``loss(model, batch)`` of a decoder adapter: latent crops around the objects (a pure
+    function of seed, step and item), decoded through a frozen copy of ``post_quant_conv``."""
+    factor = data.videos.shape[-1] // data.latents.shape[-1]
+    size = data.videos.shape[-1]
+    crop = recipe.crop or size
+    if crop % factor or crop > size:
+        raise ValueError(f"crop must be a multiple of the VAE's spatial factor {factor} and at most {size} pixels, "
+                         f"got {crop}.")
+    post_quant_conv = copy.deepcopy(pipe.vae.post_quant_conv).float().to(device).requires_grad_(False)
+    weights = VAELossWeights()
+
+    def batch_fn(step: int, rank: int, world: int) -> dict:
+        items = [i % len(data.latents) for i in cycle_indices(step, rank, world, config.batch_size)]
+        latents, videos, coverage = [], [], []
+        for i in items:
+            y, x = (c // factor for c in object_crop_offset(data.coverage[i].float(), crop,
+                                                              np.random.default_rng([config.seed, step, i])))
+            latents.append(data.latents[i, ..., y : y + crop // factor, x : x + crop // factor])
+            pixels = (..., slice(y * factor, y * factor + crop), slice(x * factor, x * factor + crop))
+            videos.append(data.videos[i][pixels])
+            coverage.append(data.coverage[i][pixels])
+        return {"latents": torch.stack(latents).to(device), "videos": torch.stack(videos).float().to(device),
+                "coverage": torch.stack(coverage)[:, None].float().to(device)}
+
+    def loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        recon = model(post_quant_conv(batch["latents"]))
+        return reconstruction_losses(recon, batch["videos"], weights, batch["coverage"])
+
+    return batch_fn, loss
+
+
 # ---------------------------------------------------------------------------------------------- adapters
+
+
+def adapted_module(pipe: NeodragonPipeline, component: str) -> nn.Module:
+    """The pipeline's module that a ``component`` adapter wraps (its layer names are relative to it)."""
+    _check_component(component)
+    return pipe.transformer if component == "dit" else pipe.vae.decoder
+
+
+def component_targets(module: nn.Module, component: str) -> str:
+    """``target_modules`` of a component: ``DIT_TARGETS``, or every ``Conv2d`` of a decoder."""
+    if component == "dit":
+        return DIT_TARGETS
+    return names_regex(n for n, m in module.named_modules() if isinstance(m, nn.Conv2d))
+
 
 
 def foura_rank(masks: ShiraAdapter) -> int:
@@ -219,54 +332,98 @@ def read_info(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_adapter(dit: nn.Module, folder: str | Path, adapter_name: str = "default") -> nn.Module:
-    """``dit`` with the trained adapter of ``folder`` attached unmerged (frozen), ready for inference."""
+def load_adapter(module: nn.Module, folder: str | Path, adapter_name: str = "default") -> nn.Module:
+    """``module`` (the DiT, or the decoder for a decoder adapter: ``adapted_module``) with the trained adapter of
+    ``folder`` attached unmerged (frozen), ready for inference."""
     info = read_info(folder)
     if info["method"] == "shira":
-        add_shira(dit, ShiraAdapter.load(Path(folder) / SHIRA_FILE), trainable=False)
-        return dit
-    return PeftModel.from_pretrained(dit, str(folder), adapter_name=adapter_name)
+        add_shira(module, ShiraAdapter.load(Path(folder) / SHIRA_FILE), trainable=False)
+        return module
+    return PeftModel.from_pretrained(module, str(folder), adapter_name=adapter_name)
+
+
+def attach_trained_adapters(pipe: NeodragonPipeline, folders: list[str | Path]) -> None:
+    """Make trained adapters act on the pipeline, each on its component, at strength 1, for good.
+
+    Per component, SHiRA adapters are fused (``fuse_adapters``) and scattered into the weights
+    (``AdapterSwitcher``); PEFT adapters (LoRA or FouRA, one method per component) are loaded and all activated.
+    """
+    groups: dict[str, dict[str, list[tuple[str, Path]]]] = {}
+    for index, folder in enumerate(folders):
+        info = read_info(folder)
+        component = info.get("component", "dit")  # adapters from before decoder adapters existed
+        groups.setdefault(component, {}).setdefault(info["method"], []).append((f"adapter{index}", Path(folder)))
+    for component, methods in groups.items():
+        module = adapted_module(pipe, component)
+        if len(methods.keys() - {"shira"}) > 1:
+            raise ValueError(f"The {component} adapters mix {' and '.join(sorted(methods.keys() - {'shira'}))}; PEFT "
+                             "activates one method per model. Apply adapters of one PEFT method (SHiRA mixes).")
+        if "shira" in methods:
+            fused = fuse_adapters([ShiraAdapter.load(folder / SHIRA_FILE) for _, folder in methods.pop("shira")])
+            AdapterSwitcher(module).apply(fused)
+        for method, named in methods.items():
+            model = load_adapter(module, named[0][1], adapter_name=named[0][0])
+            for name, folder in named[1:]:
+                model.load_adapter(str(folder), adapter_name=name)
+            model.base_model.set_adapter([name for name, _ in named])
+            if method == "foura":
+                model.base_model.set_strengths({name: 1.0 for name, _ in named})
+            model.eval()
 
 
 # ---------------------------------------------------------------------------------------------- training
 
 
-def train_adapter(pipe: NeodragonPipeline, config: TrainConfig, recipe: AdapterRecipe,
-                  data: StyleData | None = None) -> TrainedAdapter:
-    """Train one adapter on a copy of ``pipe.transformer`` and write it to ``<config.output_dir>/final``.
-
-    ``data`` (from ``encode_style_videos``) lets several runs share one encoded training set.
-    """
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    if data is None:
-        data = encode_style_videos(pipe, recipe, config.seed)
+def _dit_objective(pipe: NeodragonPipeline, data: StyleData, config: TrainConfig, recipe: AdapterRecipe,
+                   device: torch.device):
+    """``batch_fn`` and ``loss(model, batch)`` of a DiT adapter: the teacher's pyramidal flow matching."""
     text = CaptionEncodings(PipelineConditioning(pipe), data.captions)
     objective = TeacherRecipe(text_dropout=recipe.text_dropout)
-    batch_fn = flow_matching_batches(data, text, config, recipe.text_dropout, pipe.scheduler.config.stages,
-                                     accelerator.device)
+    batch_fn = flow_matching_batches(data, text, config, recipe.text_dropout, pipe.scheduler.config.stages, device)
 
     def loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         return batch_flow_matching_loss(model, pipe.scheduler, batch, objective)
+
+    return batch_fn, loss
+
+
+def encode_training_data(pipe: NeodragonPipeline, recipe: AdapterRecipe, seed: int = 0) -> StyleData | StylePairs:
+    """The recipe's training set: ``encode_style_videos`` for a DiT adapter, ``encode_style_pairs`` for a decoder."""
+    encode = encode_style_videos if recipe.component == "dit" else encode_style_pairs
+    return encode(pipe, recipe, seed)
+
+
+def train_adapter(pipe: NeodragonPipeline, config: TrainConfig, recipe: AdapterRecipe,
+                  data: StyleData | StylePairs | None = None) -> TrainedAdapter:
+    """Train one adapter on a copy of the recipe's component and write it to ``<config.output_dir>/final``.
+
+    ``data`` (from ``encode_training_data``) lets several runs share one encoded training set.
+    """
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    if data is None:
+        data = encode_training_data(pipe, recipe, config.seed)
+    objective = _dit_objective if recipe.component == "dit" else _decoder_objective
+    batch_fn, loss = objective(pipe, data, config, recipe, accelerator.device)
 
     calibration = None
     if recipe.method == "shira" and recipe.strategy in ("grad", "snip"):
         calibration = {"loss_fn": lambda model, batch: loss(model, batch)["loss"],
                        "batches": [batch_fn(step, 0, 1) for step in range(CALIBRATION_STEPS)]}
-    spec = recipe.mask_spec(config.seed)
+    module = copy.deepcopy(adapted_module(pipe, recipe.component)).float().to(accelerator.device)
+    spec = recipe.mask_spec(config.seed, component_targets(module, recipe.component))
     with torch.random.fork_rng(devices=[]):  # seeded adapter initialisation without touching the caller's RNG
         torch.manual_seed(config.seed)
-        model = attach_adapter(copy.deepcopy(pipe.transformer).to(accelerator.device), recipe.method, spec,
-                               calibration)
+        model = attach_adapter(module, recipe.method, spec, calibration)
     parameters = trainable_parameters(model)
-    trainer = Trainer(config, {"dit": model}, batch_fn, lambda batch: loss(trainer.modules["dit"], batch),
-                      accelerator)
+    name = recipe.component
+    trainer = Trainer(config, {name: model}, batch_fn, lambda batch: loss(trainer.modules[name], batch), accelerator)
     trainer.resume()
     trainer.fit()
-    model = trainer.unwrap("dit")
+    model = trainer.unwrap(name)
     final = Path(config.output_dir) / FINAL
     if accelerator.is_main_process:
-        info = {"method": recipe.method, "style": recipe.style, "parameters": parameters, "steps": trainer.step,
-                "seed": config.seed, "recipe": asdict(recipe)}
+        info = {"method": recipe.method, "style": recipe.style, "component": recipe.component,
+                "parameters": parameters, "steps": trainer.step, "seed": config.seed, "recipe": asdict(recipe)}
         save_adapter(model, info, final)
     accelerator.wait_for_everyone()
     return TrainedAdapter(final, model, parameters, (read_log(config.output_dir) or [{}])[-1])

@@ -105,14 +105,21 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
             shape_contrast: float = typer.Option(0.0, "--shape-contrast", help="Weight of a hinge that makes a "
                                                  "one-object video's true shape word fit better than another "
                                                  "shape's (experimental; 0: off)."),
-            contrast_margin: float = typer.Option(0.1, "--contrast-margin")) -> None:
+            contrast_margin: float = typer.Option(0.1, "--contrast-margin"),
+            layers: int = typer.Option(None, "--layers", help="DiT depth [default: the nano teacher preset's, 6]."),
+            heads: int = typer.Option(None, "--heads", help="DiT attention heads of width 32 [default: the "
+                                      "preset's, 4]; a resumed run needs the same --layers / --heads.")) -> None:
     """Train the nano teacher DiT with pyramidal flow matching on cached latents."""
-    from .nano import train_teacher
+    from .nano import teacher_dit_config, train_teacher
     from .teacher import TeacherRecipe
 
+    try:
+        dit_config = teacher_dit_config(layers, heads)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
     train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes), latents,
                   TeacherRecipe(text_dropout=text_dropout, shape_contrast=shape_contrast,
-                                contrast_margin=contrast_margin), init_from)
+                                contrast_margin=contrast_margin), init_from, dit_config)
 
 
 @app.command("export-teacher")

@@ -318,14 +318,33 @@ def batch_flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchSchedule
                               batch["stage"], batch["generator"], recipe, batch.get("swapped"), batch.get("has_swap"))
 
 
+def teacher_dit_config(layers: int | None = None, heads: int | None = None) -> dict:
+    """The nano teacher DiT's config, optionally deeper/shallower (``layers``) or wider/narrower (``heads`` of the
+    preset's head width). A resumed run must be given the same size."""
+    config = dict(nano_teacher_preset().dit)
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}.")
+        config["num_layers"] = layers
+    if heads is not None:
+        if heads < 1:
+            raise ValueError(f"heads must be >= 1, got {heads}.")
+        config["num_attention_heads"] = heads
+        config["caption_projection_dim"] = heads * config["attention_head_dim"]  # the inner width, as in the release
+    return config
+
+
 def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | Path],
-                  recipe: TeacherRecipe | None = None, init_from: str | Path | None = None) -> None:
+                  recipe: TeacherRecipe | None = None, init_from: str | Path | None = None,
+                  dit_config: dict | None = None) -> None:
     """Pyramidal flow matching of the nano teacher DiT on cached latents (one or more folders, see
     ``LatentCache``), text from the frozen MiniLM. ``init_from`` starts a new run from a trained DiT folder (a
-    ``final/`` or a bundle's transformer); a run folder with checkpoints resumes from them instead."""
+    ``final/`` or a bundle's transformer); a run folder with checkpoints resumes from them instead.
+    ``dit_config`` (``teacher_dit_config``) sets the DiT's size; the default is the preset's."""
     recipe = recipe or TeacherRecipe()
     cache, text = teacher_training_data(latents_dir, recipe, PartialState().device)
-    dit, scheduler = _initial_dit(nano_teacher_preset().dit, init_from), PyramidFlowMatchScheduler()
+    dit = _initial_dit(dit_config or teacher_dit_config(), init_from)
+    scheduler = PyramidFlowMatchScheduler()
 
     trainer = Trainer(config, {"dit": dit}, flow_matching_batches(cache, text, config, recipe.text_dropout,
                                                                   scheduler.config.stages,
@@ -358,8 +377,9 @@ def _initial_dit(config: dict, init_from: str | Path | None) -> PyramidMMDiT:
     dit = PyramidMMDiT.from_pretrained(init_from).float()
     mismatched = {k: (v, dit.config.get(k)) for k, v in config.items() if dit.config.get(k) != v}
     if mismatched:
-        raise ValueError(f"{init_from} is not a nano teacher DiT: config differs in {mismatched} "
-                         "(--init-from takes a `train teacher` final/ folder or a bundle's transformer folder).")
+        raise ValueError(f"{init_from} is not a nano teacher DiT of this size: config differs in {mismatched} "
+                         "(--init-from takes a `train teacher` final/ folder or a bundle's transformer folder; give "
+                         "the --layers / --heads it was trained with).")
     return dit
 
 

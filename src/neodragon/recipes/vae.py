@@ -41,24 +41,32 @@ def finite_differences(video: torch.Tensor) -> list[torch.Tensor]:
     return [video.diff(dim=dim) for dim in (-2, -1, 2) if video.shape[dim] > 1]
 
 
-def vae_losses(vae: AsymmetricCausalVideoVAE, video: torch.Tensor, weights: VAELossWeights,
-               coverage: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Reconstruct ``video`` through a posterior sample and score it; the L1 and MSE terms weigh each pixel by
-    ``1 + weights.objects * coverage`` (normalised to a weighted mean) when the objects' coverage is given."""
-    posterior = vae.encode(video).latent_dist
-    recon = vae.decode(posterior.sample()).sample
+def reconstruction_losses(recon: torch.Tensor, video: torch.Tensor, weights: VAELossWeights,
+                          coverage: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The pixel terms of the objective, ``loss = l1 + mse + edges`` weighted; the L1 and MSE terms weigh each
+    pixel by ``1 + weights.objects * coverage`` (normalised to a weighted mean) when the objects' coverage is
+    given. Also what a decoder adapter learns a style with (``adapters.training``)."""
     pixel_weight = 1 + weights.objects * coverage if coverage is not None else torch.ones_like(video[:, :1])
     error, total_weight = recon - video, pixel_weight.mean()
     l1 = (error.abs() * pixel_weight).mean() / total_weight
     mse = (error.square() * pixel_weight).mean() / total_weight
     edges = sum((a - b).abs().mean() for a, b in zip(finite_differences(recon), finite_differences(video),
                                                       strict=True))
+    loss = l1 + weights.mse * mse + weights.edges * edges
+    return {"loss": loss, "l1": l1.detach(), "mse": mse.detach(), "edges": edges.detach()}
+
+
+def vae_losses(vae: AsymmetricCausalVideoVAE, video: torch.Tensor, weights: VAELossWeights,
+               coverage: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Reconstruct ``video`` through a posterior sample and score it: ``reconstruction_losses`` plus the latent
+    terms."""
+    posterior = vae.encode(video).latent_dist
+    terms = reconstruction_losses(vae.decode(posterior.sample()).sample, video, weights, coverage)
     # Per-element KL to N(0, I); diffusers' .kl() sums over image axes only, which does not fit 5-D latents.
     kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
     latent_l2 = posterior.mean.square().mean()
-    loss = l1 + weights.mse * mse + weights.edges * edges + weights.kl * kl + weights.latent_l2 * latent_l2
-    return {"loss": loss, "l1": l1.detach(), "mse": mse.detach(), "edges": edges.detach(), "kl": kl.detach(),
-            "latent_l2": latent_l2.detach()}
+    terms["loss"] = terms["loss"] + weights.kl * kl + weights.latent_l2 * latent_l2
+    return {**terms, "kl": kl.detach(), "latent_l2": latent_l2.detach()}
 
 
 class VAEObjective(nn.Module):
