@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -112,13 +111,12 @@ def train_all(pipe: NeodragonPipeline, args: argparse.Namespace, report: Report,
                                  batch_size=args.batch_size, learning_rate=args.lr, seed=seed,
                                  warmup_steps=min(100, max(1, args.steps // 10)), save_every=max(1, args.steps // 4))
             recipe = recipe_for(args, method, style)
-            start = time.perf_counter()
             run = train_adapter(pipe, config, recipe, data)
             folders[method][style] = run.path
             report.params[method] = run.parameters
             loss = run.record.get("loss", float("nan"))
             report.training.append(f"| {method} | {style} | {run.parameters:,} | {loss:.4f} | "
-                                   f"{time.perf_counter() - start:,.0f} |")
+                                   f"{run.record.get('elapsed_s', float('nan')):,.0f} |")
             save()
     return folders
 
@@ -237,7 +235,8 @@ def render(report: Report, args: argparse.Namespace, entries: Sequence[PromptEnt
               "1 - P(style | A+B) / P(style | that adapter alone), reported where the judge reads the style "
               f"in at least {LEARNT_STYLE_ACCURACY:.0%} of the videos of that adapter alone."]
     if report.training:
-        lines += ["", "## Training", "", "| Method | Style | Trainable numbers | Final loss | Time s |",
+        lines += ["", "## Training", "",
+                  "| Method | Style | Trainable numbers | Final loss | Training s (from log.jsonl) |",
                   "|---|---|---|---|---|", *report.training]
     if "base" in report.judged:
         base = report.judged["base"]

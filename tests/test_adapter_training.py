@@ -1,6 +1,7 @@
 """Adapter training (SHiRA / LoRA / FouRA) on a random tiny nano-teacher checkpoint: one step, save, load back."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -240,3 +241,24 @@ def test_generate_with_adapters(checkpoint, trained, tmp_path):
     assert not (tmp_path / "bad.mp4").exists()
     result = generate("missing", tmp_path)
     assert result.exit_code == 1 and "not a trained adapter folder" in " ".join(result.output.split())
+
+
+def test_a_checkpoint_ships_named_adapters(checkpoint, trained, tmp_path):
+    import shutil
+
+    from neodragon.cli import app as main_app
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    shutil.copytree(trained["shira-decoder"], model / "adapters" / "glow")
+    info = CliRunner().invoke(main_app, ["info", str(model), "--json"])
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.output)["adapters"] == {"glow": {"method": "shira", "component": "decoder",
+                                                            "style": "outline", "parameters": read_info(
+                                                                trained["shira-decoder"])["parameters"]}}
+    args = ["generate", "a red circle", "--model", str(model), "--num-frames", "9", "--height", "64", "--width", "64",
+            "--steps", "1", "--adapter"]
+    result = CliRunner().invoke(main_app, [*args, "glow", "-o", str(tmp_path / "glow.mp4")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main_app, [*args, "sparkle", "-o", str(tmp_path / "x.mp4")])
+    assert result.exit_code == 1 and "model's own adapters (glow)" in " ".join(result.output.split())

@@ -40,6 +40,14 @@ def _quiet_loading() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+def _checkpoint_root(model: str) -> Path | None:
+    """The local folder ``model`` loads from; None for a preset without bundled weights."""
+    from .pipelines.neodragon import resolve_checkpoint
+    from .presets import PRESETS, bundled_weights
+
+    return bundled_weights(model) if model in PRESETS else resolve_checkpoint(model)
+
+
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code=1)
@@ -66,8 +74,9 @@ def generate(
     fps: int = typer.Option(None, "--fps", help="Frames per second of the mp4 (default: the model's)."),
     preview: Path = typer.Option(None, "--preview", help="Also write a contact sheet (.png) or animation (.gif)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    adapter: list[Path] = typer.Option(None, "--adapter", help="A trained adapter folder (the final/ of "
-                                       "`neodragon adapter train`); repeat to apply several together."),
+    adapter: list[str] = typer.Option(None, "--adapter", help="A trained adapter folder (the final/ of `neodragon "
+                                      "adapter train`) or the name of one the model ships (`neodragon info`); "
+                                      "repeat to apply several together."),
 ) -> None:
     """Generate a video from a text prompt and write it as an mp4."""
     import torch
@@ -92,10 +101,11 @@ def generate(
             if "weights" in str(warning.message):
                 console.print(f"[bold yellow]warning:[/] {warning.message}")
         if adapter:
-            from .adapters.training import attach_trained_adapters
+            from .adapters.training import attach_trained_adapters, find_adapter
 
+            root = _checkpoint_root(model)
             try:
-                attach_trained_adapters(pipe, adapter)
+                attach_trained_adapters(pipe, [find_adapter(a, root) for a in adapter])
             except RuntimeError as err:  # PEFT's state-dict size mismatch
                 _fail(f"an adapter does not fit this model ({str(err).splitlines()[0]}); use adapters trained for "
                       f"--model {model}.")
@@ -125,28 +135,28 @@ def info(
     model: str = typer.Argument("nano", help="'nano', a checkpoint folder, or a hub id."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Components of a model: class, parameter count, size on disk, dtypes and config."""
-    from .pipelines.neodragon import resolve_checkpoint
-    from .presets import PRESETS, bundled_weights, create_random_checkpoint
+    """Components of a model: class, parameter count, size on disk, dtypes and config; the adapters it ships."""
+    from .adapters.training import checkpoint_adapters, read_info
+    from .presets import PRESETS, create_random_checkpoint
     from .utils.checkpoint import describe_checkpoint
 
     _quiet_loading()
     with tempfile.TemporaryDirectory() as tmp:
         source = model
-        if model in PRESETS:
-            folder = bundled_weights(model)
-            if folder is None:
-                folder, source = create_random_checkpoint(PRESETS[model](), tmp), f"{model} (random weights, untrained)"
-        else:
-            try:
-                folder = resolve_checkpoint(model)
-            except (FileNotFoundError, OSError) as err:
-                _fail(str(err))
+        try:
+            folder = _checkpoint_root(model)
+        except (FileNotFoundError, OSError) as err:
+            _fail(str(err))
+        if folder is None:
+            folder, source = create_random_checkpoint(PRESETS[model](), tmp), f"{model} (random weights, untrained)"
         components = describe_checkpoint(folder)
         pipeline_config = folder / "pipeline_config.json"
         defaults = json.loads(pipeline_config.read_text()) if pipeline_config.is_file() else None
+        adapters = {name: {k: {"component": "dit", **read_info(path)}[k] for k in ("method", "component", "style",
+                                                                                   "parameters")}
+                    for name, path in checkpoint_adapters(folder).items()}
     if as_json:
-        typer.echo(json.dumps({"model": source, "pipeline_config": defaults,
+        typer.echo(json.dumps({"model": source, "pipeline_config": defaults, "adapters": adapters,
                                "components": [vars(c) for c in components]}, indent=2, default=str))
         return
     table = Table(title=f"neodragon model: {source}")
@@ -158,6 +168,9 @@ def info(
     Console().print(table)
     total = sum(c.num_elements for c in components)
     Console().print(f"total: {total:,} tensor elements, {sum(c.bytes_on_disk for c in components) / 2**20:.2f} MiB")
+    for name, a in adapters.items():
+        Console().print(f"adapter [bold]{name}[/]: {a['method']} on the {a['component']}, style {a['style']}, "
+                        f"{a['parameters']:,} numbers (generate --adapter {name})")
     if defaults:
         Console().print_json(json.dumps(defaults))
 

@@ -83,6 +83,7 @@ COMPONENTS = ("dit", "decoder")
 FINAL = "final"
 INFO_FILE = "adapter.json"
 SHIRA_FILE = "adapter.safetensors"
+ADAPTERS_FOLDER = "adapters"  # a checkpoint's ready-made adapters: <checkpoint>/adapters/<name>/
 ENCODE_BATCH = 8  # videos per VAE call while encoding the training set
 CALIBRATION_STEPS = 4  # first training batches, whose gradients score the entries of grad / snip masks
 
@@ -330,6 +331,27 @@ def read_info(folder: str | Path) -> dict:
         raise FileNotFoundError(f"{folder} is not a trained adapter folder (no {INFO_FILE}); pass the final/ folder "
                                 "written by `neodragon adapter train`.")
     return json.loads(path.read_text())
+
+
+def checkpoint_adapters(checkpoint: str | Path | None) -> dict[str, Path]:
+    """The ready-made adapters a checkpoint folder ships, by name (``<checkpoint>/adapters/<name>/``)."""
+    folder = Path(checkpoint) / ADAPTERS_FOLDER if checkpoint is not None else None
+    if folder is None or not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir()) if (p / INFO_FILE).is_file()}
+
+
+def find_adapter(name_or_path: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """A trained adapter folder given as a path, or by the name of one of ``checkpoint``'s ready-made adapters."""
+    path = Path(name_or_path)
+    if (path / INFO_FILE).is_file():
+        return path
+    shipped = checkpoint_adapters(checkpoint)
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    names = ", ".join(shipped) or "none"
+    raise FileNotFoundError(f"{name_or_path} is not a trained adapter folder (no {INFO_FILE}) nor one of the model's "
+                            f"own adapters ({names}); pass the final/ folder written by `neodragon adapter train`.")
 
 
 def load_adapter(module: nn.Module, folder: str | Path, adapter_name: str = "default") -> nn.Module:
