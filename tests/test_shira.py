@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -247,6 +248,13 @@ def test_save_load_round_trip_is_small(tmp_path):
     header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
     assert path.stat().st_size - header == 8 * adapter.num_params  # int32 index + float32 value per entry
     assert not list(tmp_path.glob(".*"))  # atomic write left no temporary file
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file's permissions, not mkstemp's 0600
+    half = ShiraAdapter.load(adapter.save(tmp_path / "half.safetensors", dtype=torch.float16))
+    for name in TARGETS:
+        assert half.values[name].dtype == torch.float16
+        torch.testing.assert_close(half.values[name].float(), adapter.values[name], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")  # raised inside PEFT's SHiRA layer

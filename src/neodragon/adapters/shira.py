@@ -367,14 +367,15 @@ class ShiraAdapter:
 
     # -- files
 
-    def save(self, path: str | Path) -> Path:
-        """Write indices (int32) and values (float32) to one safetensors file, atomically."""
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """Write indices (int32) and values (``dtype``; float16 halves the file) to one safetensors file,
+        atomically."""
         path = Path(path)
         tensors = {}
         for name, idx in self.indices.items():
             small = math.prod(self.shapes[name]) < 2**31
             tensors[f"{name}.indices"] = idx.to(torch.int32 if small else torch.int64).contiguous()
-            tensors[f"{name}.values"] = self.values[name].detach().float().contiguous()
+            tensors[f"{name}.values"] = self.values[name].detach().to(dtype).contiguous()
         metadata = {"format": FORMAT, "shapes": json.dumps({n: list(s) for n, s in self.shapes.items()}),
                     "metadata": json.dumps(self.metadata)}
         _atomic_save(tensors, path, metadata)
