@@ -262,3 +262,24 @@ def test_a_checkpoint_ships_named_adapters(checkpoint, trained, tmp_path):
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main_app, [*args, "sparkle", "-o", str(tmp_path / "x.mp4")])
     assert result.exit_code == 1 and "model's own adapters (glow)" in " ".join(result.output.split())
+
+
+def test_export_writes_a_compact_float16_copy(checkpoint, trained, pairs, tmp_path):
+    from safetensors.torch import load_file
+
+    for key, weights in (("shira-decoder", "adapter.safetensors"), ("lora-dit", "adapter_model.safetensors")):
+        out = tmp_path / key
+        result = CliRunner().invoke(app, ["export", str(trained[key]), "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert read_info(out) == read_info(trained[key])
+        tensors = load_file(str(out / weights))
+        assert {t.dtype for t in tensors.values()} <= {torch.float16, torch.int32}
+        assert (out / weights).stat().st_size < (trained[key] / weights).stat().st_size
+    fresh = NeodragonPipeline.from_pretrained(checkpoint, mode="monolithic", load_super_resolution=False)
+    z = fresh.vae.post_quant_conv(pairs.latents[:1])
+    with torch.no_grad():
+        full = load_adapter(copy.deepcopy(fresh.vae.decoder), trained["shira-decoder"])(z)
+        half = load_adapter(copy.deepcopy(fresh.vae.decoder), tmp_path / "shira-decoder")(z)
+    torch.testing.assert_close(half, full, atol=2e-3, rtol=0)
+    again = CliRunner().invoke(app, ["export", str(trained["lora-dit"]), "-o", str(tmp_path / "lora-dit")])
+    assert again.exit_code == 1 and "already exists" in again.output

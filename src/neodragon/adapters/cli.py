@@ -1,5 +1,5 @@
 """``neodragon adapter ...``: train an adapter, inspect adapter files, convert SHiRA adapters to and from PEFT, fuse
-SHiRA adapters."""
+SHiRA adapters, export a compact copy to ship with a model."""
 
 from __future__ import annotations
 
@@ -154,6 +154,40 @@ def fuse(
     Console().print(table)
     fused.save(output)
     console.print(f"wrote [bold]{output}[/]: {len(fused.shapes)} layers, {fused.num_params:,} entries")
+
+
+@app.command()
+def export(
+    folder: Path = typer.Argument(..., help="A trained adapter folder (the final/ of `neodragon adapter train`)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write, e.g. <checkpoint>/adapters/<name> to "
+                                "ship it with a model (`generate --adapter <name>`)."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Write a compact copy of a trained adapter: its values / factors in float16, its adapter.json as it is."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ..utils.video import atomic_path
+    from .shira import ShiraAdapter
+    from .training import INFO_FILE, SHIRA_FILE, read_info
+
+    _check_output(output, overwrite)
+    try:
+        info = read_info(folder)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    output.mkdir(parents=True, exist_ok=True)
+    if info["method"] == "shira":
+        ShiraAdapter.load(folder / SHIRA_FILE).save(output / SHIRA_FILE, dtype=torch.float16)
+    else:
+        weights = {k: v.half() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+        with atomic_path(output / "adapter_model.safetensors", overwrite=True) as tmp:
+            save_file(weights, tmp)
+        (output / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    (output / INFO_FILE).write_text((folder / INFO_FILE).read_text())  # last: its presence marks a complete folder
+    size = sum(p.stat().st_size for p in output.iterdir())
+    console.print(f"wrote [bold]{output}[/]: {info['method']} {info.get('component', 'dit')} adapter, "
+                  f"{size / 1024:.0f} KiB")
 
 
 @app.command()
