@@ -415,16 +415,35 @@ def render(report: Report, args: argparse.Namespace, finished: bool) -> str:
                   *report.files, "",
                   "SHiRA stores an index with every value: 8 bytes per entry (flat int32 index) against 12 in "
                   "PEFT's (row, col) layout; LoRA and FouRA store 4 bytes per number."]
-    lines += ["", "## 4. Style adapters on the nano teacher", "",
-              "Style strength, content preservation, diversity and two-style fusion (concept loss) of SHiRA, LoRA and "
-              "FouRA trained on the nano teacher: [adapters-style.md](adapters-style.md), written by "
-              "`benchmarks/exp_style_adapters.py`."]
+    lines += style_adapter_section(args.out.parent)
     maxrss = gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     lines += ["", "## Memory of this process", "",
               *[f"- RSS {where}: {value:.2f} GiB" for where, value in report.rss_gib.items()],
               f"- Peak RSS{'' if finished else ' so far'}: {maxrss:.2f} GiB (`ru_maxrss`; training runs in child "
               "processes)"]
     return "\n".join(lines) + "\n"
+
+
+STYLE_REPORTS = {"adapters-style-decoder.md": "on the VAE decoder (style transfer)",
+                 "adapters-style.md": "on the DiT (flow matching)"}
+
+
+def style_adapter_section(folder: Path) -> list[str]:
+    """Section 4: the style-adapter experiments of ``benchmarks/exp_style_adapters.py``, linked, with the tables and
+    the contact sheet of the decoder run (the one whose adapters learn their styles) copied in."""
+    lines = ["", "## 4. Style adapters on the nano teacher", "",
+             "Style strength, content preservation, diversity and two-style fusion (concept loss) of SHiRA, LoRA and "
+             "FouRA at an equal budget, written by `benchmarks/exp_style_adapters.py`: "
+             + "; ".join(f"[{name}]({name}) {what}" for name, what in STYLE_REPORTS.items()) + "."]
+    decoder = folder / "adapters-style-decoder.md"
+    if decoder.is_file():
+        text = decoder.read_text()
+        start, end = text.find("## Style strength"), text.find("## Contact sheet")
+        if start >= 0 and end > start:
+            lines += ["", *("#" + line if line.startswith("## ") else line
+                            for line in text[start:end].rstrip().splitlines()),
+                      "", f"![contact sheet]({decoder.with_suffix('.png').name})"]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:
