@@ -434,7 +434,8 @@ def style_adapter_section(folder: Path) -> list[str]:
     lines = ["", "## 4. Style adapters on the nano teacher", "",
              "Style strength, content preservation, diversity and two-style fusion (concept loss) of SHiRA, LoRA and "
              "FouRA at an equal budget, written by `benchmarks/exp_style_adapters.py`: "
-             + "; ".join(f"[{name}]({name}) {what}" for name, what in STYLE_REPORTS.items()) + "."]
+             + "; ".join(f"[{name}]({name}) {what}" for name, what in STYLE_REPORTS.items()) + ". What they show, "
+             "and why fused styles interfere: [style-adapter-findings.md](style-adapter-findings.md)."]
     decoder = folder / "adapters-style-decoder.md"
     if decoder.is_file():
         text = decoder.read_text()
