@@ -272,7 +272,6 @@ def component_targets(module: nn.Module, component: str) -> str:
     return names_regex(n for n, m in module.named_modules() if isinstance(m, nn.Conv2d))
 
 
-
 def foura_rank(masks: ShiraAdapter) -> int:
     """The single FouRA rank whose ``r * (in + out)`` over the masks' layers is closest to their entry count."""
     per_rank = sum(sum(matrix_shape(shape)) for shape in masks.shapes.values())
