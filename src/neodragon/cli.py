@@ -74,9 +74,10 @@ def generate(
     fps: int = typer.Option(None, "--fps", help="Frames per second of the mp4 (default: the model's)."),
     preview: Path = typer.Option(None, "--preview", help="Also write a contact sheet (.png) or animation (.gif)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    adapter: list[str] = typer.Option(None, "--adapter", help="A trained adapter folder (the final/ of `neodragon "
-                                      "adapter train`) or the name of one the model ships (`neodragon info`); "
-                                      "repeat to apply several together."),
+    adapter: list[str] = typer.Option(None, "--adapter", metavar="FOLDER|NAME",
+                                      help="A trained adapter folder (the final/ of `neodragon adapter train`) or "
+                                      "the name of one the model ships (`neodragon info`); repeat to apply several "
+                                      "together."),
 ) -> None:
     """Generate a video from a text prompt and write it as an mp4."""
     import torch
@@ -183,7 +184,7 @@ def _register_subcommands() -> None:
 
     app.add_typer(train_app, name="train")
     app.add_typer(data_app, name="data", help="ShapesWorld, the nano world: previews of its captioned videos.")
-    app.add_typer(adapter_app, name="adapter", help="SHiRA and FouRA adapters: inspect, convert, fuse, switch.")
+    app.add_typer(adapter_app, name="adapter", help="SHiRA and FouRA adapters: train, inspect, convert, fuse, export.")
     app.add_typer(eval_app, name="eval", help="VBench-nano: score a model with the bundled judge; train the judge.")
 
 
