@@ -9,6 +9,8 @@ Run from the repository root (sections are independent; ``errors`` and ``forced`
     python benchmarks/diag_teacher_stages.py --dit /work/runs/teacher/final --latents /work/runs/latents \
         --sections weighting --object-weights 0 10
     python benchmarks/diag_teacher_stages.py --sections shift
+    python benchmarks/diag_teacher_stages.py --dit src/neodragon/weights/nano/diffusion_transformer_320p_multistep_t2v \
+        --sections words --out words.md
     python benchmarks/diag_teacher_stages.py --dit /work/runs/teacher/final --latents /work/runs/latents --sections swap
 
 Sections:
@@ -27,6 +29,10 @@ Sections:
   vector of the true caption: which words does the DiT use, where, and through which path?
 - ``contrast``: the trained DiT fine-tuned at stage 2 with a hinge that makes the true shape word fit the target
   better than a swapped one (0: plain fine-tuning): does the DiT then draw the shape the caption names?
+- ``words``: how different the text conditioning is when only the shape word, or only the colour word, of a
+  caption changes: mean pairwise distance over the classes' words relative to the mean norm, for MiniLM's token
+  states, the same after the DiT's ``context_embedder``, and the pooled vector. Does the text side carry shape as
+  distinctly as colour?
 - ``shift``: how far the VAE's frame-0 latent moves when a still object moves by a fraction of a latent pixel,
   against how far it moves when the shape changes at the same place: what the DiT must get right to draw a shape.
 """
@@ -45,14 +51,19 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from neodragon import load_pipeline
-from neodragon.data import SHAPES, ObjectSpec, SceneSpec, render
+from neodragon.data import COLOURS, SHAPES, ObjectSpec, SceneSpec, render
 from neodragon.models.mmdit import PyramidMMDiT
 from neodragon.pipelines.neodragon import NeodragonPipeline
 from neodragon.presets import nano_teacher_preset
 from neodragon.recipes.nano import CaptionEncodings, LatentCache, clip_batch
 from neodragon.recipes.teacher import TeacherRecipe, contrast_hinge, flow_matching_loss, swap_caption_word
 
-SECTIONS = ("errors", "forced", "capacity", "weighting", "swap", "contrast", "shift")
+SECTIONS = ("errors", "forced", "capacity", "weighting", "swap", "contrast", "shift", "words")
+WORD_TEMPLATES = {  # one slot each; the other words fixed
+    "shape": ("a small red {} moving to the right", "a large blue {} rests on a white background", "a green {} spins"),
+    "colour": ("a small {} circle moving to the right", "a large {} star rests on a white background",
+               "a {} heart spins"),
+}
 TAUS = (0.9, 0.5, 0.1)
 FIGURE_ROWS = 8  # videos shown in the `forced` figure
 DEFAULT_VARIANTS = ('{}', '{"patch_size": 1}', '{"num_layers": 8, "num_attention_heads": 6}')
@@ -305,6 +316,29 @@ def weighting_rows(dit_path: Path, pipe: NeodragonPipeline, cache: LatentCache, 
     return rows
 
 
+@torch.no_grad()
+def words_rows(dit: PyramidMMDiT, pipe: NeodragonPipeline) -> list[str]:
+    words = {"shape": SHAPES, "colour": COLOURS}
+    rows = ["| word changed | MiniLM token states | after the DiT's context_embedder | pooled vector |",
+            "|---|---:|---:|---:|"]
+    for kind, templates in WORD_TEMPLATES.items():
+        spreads = []
+        for template in templates:
+            encoding = pipe.text_encoder.encode([template.format(w) for w in words[kind]])
+            views = (encoding.tokens, dit.context_embedder(encoding.tokens), encoding.pooled)
+            spreads.append([mean_pairwise_distance(v.reshape(len(words[kind]), -1)) for v in views])
+        means = torch.tensor(spreads).mean(0)
+        rows.append(f"| {kind} ({len(words[kind])} words, {len(templates)} templates) | "
+                    + " | ".join(f"{m:.3f}" for m in means) + " |")
+    return rows
+
+
+def mean_pairwise_distance(rows: torch.Tensor) -> float:
+    """Mean L2 distance between distinct rows, relative to the rows' mean norm."""
+    n = rows.shape[0]
+    return (torch.cdist(rows, rows).sum() / (n * (n - 1)) / rows.norm(dim=1).mean()).item()
+
+
 def shift_rows(pipe: NeodragonPipeline, shifts: tuple[int, ...] = (1, 2, 4, 8)) -> list[str]:
     """Squared latent distances (frame 0, summed over the latent) for every shape as a still red object on black,
     rendered at one place, then shifted right by k pixels (8 pixels = 1 latent pixel)."""
@@ -348,11 +382,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/results/teacher-stages.md"))
     args = parser.parse_args()
-    if {"errors", "forced", "weighting", "swap", "contrast"} & set(args.sections) and args.dit is None:
-        parser.error("--sections errors/forced/weighting/swap/contrast need --dit (a train teacher final/ or "
+    if {"errors", "forced", "weighting", "swap", "contrast", "words"} & set(args.sections) and args.dit is None:
+        parser.error("--sections errors/forced/weighting/swap/contrast/words need --dit (a train teacher final/ or "
                      "checkpoint folder)")
-    if set(args.sections) - {"shift"} and args.latents is None:
-        parser.error("every section but shift needs --latents (a `train encode-latents` folder)")
+    if set(args.sections) - {"shift", "words"} and args.latents is None:
+        parser.error("every section but shift and words needs --latents (a `train encode-latents` folder)")
     torch.set_num_threads(args.threads)
     report = ReportHead()
     pipe = load_pipeline(args.model, torch_dtype=torch.float32)
@@ -373,6 +407,7 @@ def main() -> None:
             "contrast": lambda: contrast_rows(args.dit, pipe, cache, args.contrasts, args.weighting_steps, args.count,
                                               args.weighting_lr, args.latents_seed, args.save_dir),
             "shift": lambda: shift_rows(pipe),
+            "words": lambda: words_rows(dit, pipe),
         }[section]()
         title = f"{section} ({args.dit})" if section not in ("capacity", "shift") else section
         body += ["", f"## {title}", "", *rows]
