@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from bench_core import ReportHead, report_preamble, write_atomic
 from exp_style_adapters import adapters_on
+from peft import PeftModel
 
-from neodragon.adapters.shira import matrix_shape
+from neodragon.adapters.shira import matrix_shape, remove_shira
 from neodragon.adapters.training import METHODS, load_adapter
 from neodragon.data import sample
 from neodragon.presets import load_pipeline
@@ -34,17 +35,13 @@ from neodragon.presets import load_pipeline
 def dense_deltas(decoder: torch.nn.Module, folder: Path) -> dict[str, torch.Tensor]:
     """Per targeted layer, the adapter's merged weight minus the original weight."""
     base = {n: m.weight.detach().clone() for n, m in decoder.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    adapted = load_adapter(copy.deepcopy(decoder), folder)
-    merged = adapted.merge_and_unload() if hasattr(adapted, "merge_and_unload") else _merged_shira(adapted)
+    merged = load_adapter(copy.deepcopy(decoder), folder)
+    if isinstance(merged, PeftModel):
+        merged = merged.merge_and_unload()
+    else:
+        remove_shira(merged, merge=True)
     weights = {n: m.weight.detach() for n, m in merged.named_modules() if isinstance(m, torch.nn.Conv2d)}
     return {n: weights[n] - w for n, w in base.items() if not torch.equal(weights[n], w)}
-
-
-def _merged_shira(model: torch.nn.Module) -> torch.nn.Module:
-    from neodragon.adapters.shira import remove_shira
-
-    remove_shira(model, merge=True)
-    return model
 
 
 def weight_rows(decoder: torch.nn.Module, runs: Path, styles: Sequence[str]) -> list[str]:

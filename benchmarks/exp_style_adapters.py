@@ -35,9 +35,10 @@ from neodragon.adapters.training import (
     METHODS,
     SHIRA_FILE,
     AdapterRecipe,
+    activate_peft_adapters,
     adapted_module,
     encode_training_data,
-    load_adapter,
+    load_peft_adapters,
     train_adapter,
 )
 from neodragon.data import STYLES, Sample, preview_sheet
@@ -139,18 +140,9 @@ def adapters_on(method: str, module: torch.nn.Module,
         finally:
             switcher.restore()
         return
-    first, *others = folders
-    model = load_adapter(module, folders[first], adapter_name=first)
-    for style in others:
-        model.load_adapter(str(folders[style]), adapter_name=style)
-
-    def activate(styles: Sequence[str]) -> None:
-        model.base_model.set_adapter(list(styles))
-        if method == "foura":
-            model.base_model.set_strengths(dict.fromkeys(styles, 1.0))
-
+    model = load_peft_adapters(module, folders)
     try:
-        yield activate
+        yield lambda styles: activate_peft_adapters(model, list(styles))
     finally:
         model.unload()
 

@@ -153,8 +153,7 @@ def info(
         components = describe_checkpoint(folder)
         pipeline_config = folder / "pipeline_config.json"
         defaults = json.loads(pipeline_config.read_text()) if pipeline_config.is_file() else None
-        adapters = {name: {k: {"component": "dit", **read_info(path)}[k] for k in ("method", "component", "style",
-                                                                                   "parameters")}
+        adapters = {name: {k: read_info(path)[k] for k in ("method", "component", "style", "parameters")}
                     for name, path in checkpoint_adapters(folder).items()}
     if as_json:
         typer.echo(json.dumps({"model": source, "pipeline_config": defaults, "adapters": adapters,

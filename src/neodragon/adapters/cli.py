@@ -186,7 +186,7 @@ def export(
         (output / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
     (output / INFO_FILE).write_text((folder / INFO_FILE).read_text())  # last: its presence marks a complete folder
     size = sum(p.stat().st_size for p in output.iterdir())
-    console.print(f"wrote [bold]{output}[/]: {info['method']} {info.get('component', 'dit')} adapter, "
+    console.print(f"wrote [bold]{output}[/]: {info['method']} {info['component']} adapter, "
                   f"{size / 1024:.0f} KiB")
 
 

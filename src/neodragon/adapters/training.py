@@ -63,7 +63,7 @@ from ..recipes.teacher import (
 )
 from ..recipes.training import TrainConfig, Trainer, cycle_indices, read_log
 from ..recipes.vae import VAELossWeights, reconstruction_losses
-from .foura import FouraConfig
+from .foura import FouraConfig, FouraModel
 from .lora import matching_lora_config
 from .shira import (
     DIT_TARGETS,
@@ -324,12 +324,13 @@ def save_adapter(model: nn.Module, info: dict, folder: str | Path) -> Path:
 
 
 def read_info(folder: str | Path) -> dict:
-    """``adapter.json`` of a trained adapter folder."""
+    """``adapter.json`` of a trained adapter folder (``component`` is ``"dit"`` in files written before decoder
+    adapters existed)."""
     path = Path(folder) / INFO_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a trained adapter folder (no {INFO_FILE}); pass the final/ folder "
                                 "written by `neodragon adapter train`.")
-    return json.loads(path.read_text())
+    return {"component": "dit", **json.loads(path.read_text())}
 
 
 def checkpoint_adapters(checkpoint: str | Path | None) -> dict[str, Path]:
@@ -372,8 +373,8 @@ def attach_trained_adapters(pipe: NeodragonPipeline, folders: list[str | Path]) 
     groups: dict[str, dict[str, list[tuple[str, Path]]]] = {}
     for index, folder in enumerate(folders):
         info = read_info(folder)
-        component = info.get("component", "dit")  # adapters from before decoder adapters existed
-        groups.setdefault(component, {}).setdefault(info["method"], []).append((f"adapter{index}", Path(folder)))
+        groups.setdefault(info["component"], {}).setdefault(info["method"], []).append((f"adapter{index}",
+                                                                                       Path(folder)))
     for component, methods in groups.items():
         module = adapted_module(pipe, component)
         if len(methods.keys() - {"shira"}) > 1:
@@ -382,14 +383,26 @@ def attach_trained_adapters(pipe: NeodragonPipeline, folders: list[str | Path]) 
         if "shira" in methods:
             fused = fuse_adapters([ShiraAdapter.load(folder / SHIRA_FILE) for _, folder in methods.pop("shira")])
             AdapterSwitcher(module).apply(fused)
-        for method, named in methods.items():
-            model = load_adapter(module, named[0][1], adapter_name=named[0][0])
-            for name, folder in named[1:]:
-                model.load_adapter(str(folder), adapter_name=name)
-            model.base_model.set_adapter([name for name, _ in named])
-            if method == "foura":
-                model.base_model.set_strengths({name: 1.0 for name, _ in named})
+        for named in methods.values():
+            model = load_peft_adapters(module, dict(named))
+            activate_peft_adapters(model, [name for name, _ in named])
             model.eval()
+
+
+def load_peft_adapters(module: nn.Module, folders: dict[str, str | Path]) -> PeftModel:
+    """PEFT adapters (LoRA or FouRA, one method) of ``folders`` loaded unmerged onto ``module`` under their names."""
+    (first, path), *others = folders.items()
+    model = load_adapter(module, path, adapter_name=first)
+    for name, path in others:
+        model.load_adapter(str(path), adapter_name=name)
+    return model
+
+
+def activate_peft_adapters(model: PeftModel, names: list[str]) -> None:
+    """Make exactly the adapters ``names`` act, at strength 1 each (FouRA composes them with ``set_strengths``)."""
+    model.base_model.set_adapter(list(names))
+    if isinstance(model.base_model, FouraModel):
+        model.base_model.set_strengths(dict.fromkeys(names, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------- training
