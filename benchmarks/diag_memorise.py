@@ -1,0 +1,171 @@
+"""Can a nano DiT memorise the shapes of a few training videos? A cheap capacity probe for the teacher's shape failure.
+
+A DiT that cannot reproduce the shapes of 32 videos it was trained on, from their exact training captions, cannot
+learn shapes from thousands. ``subset`` writes the first N one-object videos of an `encode-latents` folder as a
+latent folder of their own, and a prompt set with their exact training captions; train any DiT on it with
+`neodragon train teacher`, export it, and ``score`` it:
+
+    python benchmarks/diag_memorise.py subset --latents /work/runs/latents --count 32 --out /work/runs/overfit/set32
+    neodragon train teacher --latents /work/runs/overfit/set32 -o /work/runs/overfit/s6x4 --steps 3000 --lr 5e-4
+    neodragon train export-teacher --vae /work/runs/vae-decoder-styles/final --dit /work/runs/overfit/s6x4/final \
+        -o /work/runs/overfit/export-s6x4
+    python benchmarks/diag_memorise.py score --set /work/runs/overfit/set32 --model /work/runs/overfit/export-s6x4 \
+        --guidance 1 2 5 --out docs/results/teacher-memorise.md
+
+``score`` reports, on the subset: the judge's reading of the decoded training latents themselves (the bound), of
+the model's samples at each guidance scale (later frames at min(guidance, 4)), with the relative latent error per
+frame against the training latent; and, per pyramid stage, the relative error of frame 0 when the sampler's Euler
+steps integrate that stage alone from the exact point where training starts it (no guidance): which stage fails
+to reproduce what it was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from bench_core import ReportHead, report_preamble, write_atomic
+from safetensors.torch import save_file
+
+from neodragon import load_pipeline
+from neodragon.eval.judge import load_judge
+from neodragon.eval.metrics import semantic_scores
+from neodragon.eval.prompts import _entry, _items, _object_dimensions, load_prompt_set, save_prompt_set
+from neodragon.models.vae import AsymmetricCausalVideoVAE
+from neodragon.recipes.nano import LatentCache, video_batch
+from neodragon.recipes.teacher import normalize_latents
+
+ATTRIBUTES = ("shape", "colour", "motion", "count")
+SHARD = "shard_00000.safetensors"
+
+
+def write_subset(latents_dir: Path, count: int, out: Path, vae_dir: Path | None = None, size: int = 128) -> None:
+    """The first ``count`` one-object videos of the (unshuffled, seed-0 `train` split) cache, with a prompt set.
+    With ``vae_dir``, the same videos are rendered at ``size`` x ``size`` and encoded by that VAE instead: at
+    256, objects cover twice as many latent pixels, as with a 4x-compression VAE at 128."""
+    cache = LatentCache(latents_dir)
+    rows, entries = [], []
+    for (index, spec, render_seed), caption in zip(_items("train"), cache.captions, strict=False):
+        if len(spec.objects) == 1:
+            rows.append(index)
+            entry = _entry("train", index, spec, render_seed, _object_dimensions(spec))
+            entries.append(dataclasses.replace(entry, caption=caption))
+        if len(rows) == count:
+            break
+    latents, captions = cache.batch(rows)
+    if vae_dir is not None:
+        latents = encode_videos(vae_dir, rows, size)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.contiguous()}, str(out / SHARD), metadata={"captions": json.dumps(captions)})
+    save_prompt_set(entries, out / "prompts.json", f"memorise-{count}")
+    (out / "geometry.json").write_text(json.dumps({"height": size, "width": size}) + "\n")
+
+
+@torch.no_grad()
+def encode_videos(vae_dir: Path, rows: list[int], size: int) -> torch.Tensor:
+    """Items ``rows`` of the `train` split rendered at ``size`` and encoded as `encode-latents` does."""
+    vae = AsymmetricCausalVideoVAE.from_pretrained(vae_dir).float().eval()
+    stats = json.loads((vae_dir / "latent_stats.json").read_text())
+    return torch.cat([normalize_latents(vae.encode(video_batch("train", rows[i : i + 4], 17, size)[0])
+                                        .latent_dist.mean, stats) for i in range(0, len(rows), 4)])
+
+
+def judged(judge, frames: torch.Tensor, entries) -> dict[str, float]:
+    """Fraction of videos ([B, 3, T, H, W] in [-1, 1]) whose judged object attribute matches the prompt."""
+    scenes, _ = judge.predict(frames.clamp(-1, 1))
+    rows = [semantic_scores(p, e.scene) for p, e in zip(scenes, entries, strict=True)]
+    return {a: sum(r[a] for r in rows) / len(rows) for a in ATTRIBUTES}
+
+
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    return torch.cat([pipe.decode_latents(chunk) for chunk in latents.split(8)])
+
+
+def sample_rows(pipe, judge, entries, cached: torch.Tensor, guidances: list[float], geometry: dict) -> list[str]:
+    bound = judged(judge, decode(pipe, cached), entries)
+    rows = ["| samples | shape | colour | motion | count | latent error, frames 0 / 1 / 2 |",
+            "|---|---:|---:|---:|---:|---|",
+            "| decoded training latents (the bound) | " + " | ".join(f"{v:.0%}" for v in bound.values()) + " | 0 |"]
+    for g in guidances:
+        latents = torch.cat([pipe([e.caption], generator=torch.Generator().manual_seed(e.seed), guidance_scale=g,
+                                  video_guidance_scale=min(g, 4.0), output_type="latent", **geometry).frames.float()
+                             for e in entries])
+        error = (latents - cached).square().mean((1, 3, 4)).sum(0) / cached.square().mean((1, 3, 4)).sum(0)
+        scores = judged(judge, decode(pipe, latents), entries)
+        rows.append(f"| guidance {g:g} | " + " | ".join(f"{v:.0%}" for v in scores.values()) + " | "
+                    + " / ".join(f"{e:.3f}" for e in error.tolist()) + " |")
+    return rows
+
+
+def stage_rows(pipe, cached: torch.Tensor, captions: list[str], steps: int) -> list[str]:
+    """Each stage integrated alone from its exact training start point; error relative to the stage's flow."""
+    scheduler, frame0 = pipe.scheduler, cached[:, :, :1]
+    cond = pipe.encode_prompt(captions)
+    noise = torch.randn(frame0.shape, generator=torch.Generator().manual_seed(1))
+    rows = ["| stage | error of the stage's end point / length of its flow |", "|---:|---:|"]
+    for stage in range(scheduler.config.stages):
+        start, velocity, _ = scheduler.training_target(frame0, noise, stage, 0)  # index 0: the window's start
+        end, x = start - velocity, start
+        sigmas = scheduler.stage_sigmas(steps, stage)
+        for i, t in enumerate(scheduler.stage_timesteps(steps, stage)):
+            v = pipe.transformer([[x]], cond.context, cond.mask, cond.pooled, t.expand(len(captions)))[0]
+            x = scheduler.step(v, sigmas[i], sigmas[i + 1], x)
+        rows.append(f"| {stage} | {(x - end).square().mean() / velocity.square().mean():.4f} |")
+    return rows
+
+
+def score(args: argparse.Namespace) -> None:
+    report = ReportHead()
+    entries = load_prompt_set(args.set / "prompts.json")
+    cache = LatentCache(args.set)
+    cached = cache.latents.float()
+    if cache.captions != [e.caption for e in entries]:
+        raise SystemExit(f"{args.set}: the prompt set does not match the latents; re-run `subset`.")
+    judge, body = load_judge(None), []
+    geometry = json.loads((args.set / "geometry.json").read_text())
+    for model in args.model:
+        pipe = load_pipeline(str(model))
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            rows = [f"## {model}", "", *sample_rows(pipe, judge, entries, cached, args.guidance, geometry), "",
+                    f"Frame 0, each stage alone from its training start point, {args.steps} Euler steps, no guidance:",
+                    "", *stage_rows(pipe, cached, cache.captions, args.steps), ""]
+        print("\n".join(rows), flush=True)
+        body += rows
+    head = report_preamble(f"Nano DiT: can it reproduce the shapes of {len(entries)} training videos?", report, True,
+                           "other jobs may share the cores")
+    if args.append and args.out.exists():  # keep the earlier report; this run's head replaces the title
+        head = [args.out.read_text(), "# Separate run, appended", *head[1:]]
+    write_atomic(args.out, "\n".join([*head, "", *body]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    subset = commands.add_parser("subset", help="Write the subset's latents and prompt set.")
+    subset.add_argument("--latents", type=Path, required=True, help="A `train encode-latents` folder (seed 0).")
+    subset.add_argument("--count", type=int, default=32)
+    subset.add_argument("--out", type=Path, required=True)
+    subset.add_argument("--vae", type=Path, help="Re-render the videos at --size and encode them with this VAE.")
+    subset.add_argument("--size", type=int, default=128, help="Frame size with --vae.")
+    scoring = commands.add_parser("score", help="Judge a model's samples of the subset.")
+    scoring.add_argument("--set", type=Path, required=True, help="The folder `subset` wrote.")
+    scoring.add_argument("--model", type=Path, nargs="+", required=True, help="Exported checkpoint folders.")
+    scoring.add_argument("--guidance", nargs="+", type=float, default=[1.0, 2.0, 5.0])
+    scoring.add_argument("--steps", type=int, default=8, help="Euler steps per stage of the stage check.")
+    scoring.add_argument("--out", type=Path, default=Path("docs/results/teacher-memorise.md"))
+    scoring.add_argument("--append", action="store_true", help="Add to --out instead of replacing it.")
+    args = parser.parse_args()
+    if args.command == "subset":
+        if args.size != 128 and args.vae is None:
+            parser.error("--size needs --vae (the cached latents are 128 x 128)")
+        write_subset(args.latents, args.count, args.out, args.vae, args.size)
+    else:
+        score(args)
+
+
+if __name__ == "__main__":
+    main()
