@@ -42,14 +42,17 @@ ATTRIBUTES = ("shape", "colour", "motion", "count")
 SHARD = "shard_00000.safetensors"
 
 
-def write_subset(latents_dir: Path, count: int, out: Path, vae_dir: Path | None = None, size: int = 128) -> None:
-    """The first ``count`` one-object videos of the (unshuffled, seed-0 `train` split) cache, with a prompt set.
+def write_subset(latents_dir: Path, count: int, out: Path, vae_dir: Path | None = None, size: int = 128,
+                 skip: int = 0) -> None:
+    """``count`` one-object videos of the (unshuffled, seed-0 `train` split) cache, after the first ``skip`` ones
+    (videos a probe trained on 'skip' videos never saw), with a prompt set.
     With ``vae_dir``, the same videos are rendered at ``size`` x ``size`` and encoded by that VAE instead: at
     256, objects cover twice as many latent pixels, as with a 4x-compression VAE at 128."""
     cache = LatentCache(latents_dir)
-    rows, entries = [], []
+    rows, entries, seen = [], [], 0
     for (index, spec, render_seed), caption in zip(_items("train"), cache.captions, strict=False):
-        if len(spec.objects) == 1:
+        seen += len(spec.objects) == 1
+        if len(spec.objects) == 1 and seen > skip:
             rows.append(index)
             entry = _entry("train", index, spec, render_seed, _object_dimensions(spec))
             entries.append(dataclasses.replace(entry, caption=caption))
@@ -148,6 +151,7 @@ def main() -> None:
     subset = commands.add_parser("subset", help="Write the subset's latents and prompt set.")
     subset.add_argument("--latents", type=Path, required=True, help="A `train encode-latents` folder (seed 0).")
     subset.add_argument("--count", type=int, default=32)
+    subset.add_argument("--skip", type=int, default=0, help="Leave out the first SKIP one-object videos.")
     subset.add_argument("--out", type=Path, required=True)
     subset.add_argument("--vae", type=Path, help="Re-render the videos at --size and encode them with this VAE.")
     subset.add_argument("--size", type=int, default=128, help="Frame size with --vae.")
@@ -162,7 +166,7 @@ def main() -> None:
     if args.command == "subset":
         if args.size != 128 and args.vae is None:
             parser.error("--size needs --vae (the cached latents are 128 x 128)")
-        write_subset(args.latents, args.count, args.out, args.vae, args.size)
+        write_subset(args.latents, args.count, args.out, args.vae, args.size, args.skip)
     else:
         score(args)
 
