@@ -138,7 +138,7 @@ def score(args: argparse.Namespace) -> None:
                     "", *stage_rows(pipe, cached, cache.captions, args.steps), ""]
         print("\n".join(rows), flush=True)
         body += rows
-    head = report_preamble(f"Nano DiT: can it reproduce the shapes of {len(entries)} training videos?", report, True,
+    head = report_preamble(f"Nano DiT memorisation probe: {len(entries)} videos of {args.set.name}", report, True,
                            "other jobs may share the cores")
     if args.append and args.out.exists():  # keep the earlier report; this run's head replaces the title
         head = [args.out.read_text(), "# Separate run, appended", *head[1:]]
