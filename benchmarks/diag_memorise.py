@@ -35,8 +35,7 @@ from neodragon.eval.judge import load_judge
 from neodragon.eval.metrics import semantic_scores
 from neodragon.eval.prompts import _entry, _items, _object_dimensions, load_prompt_set, save_prompt_set
 from neodragon.models.vae import AsymmetricCausalVideoVAE
-from neodragon.recipes.nano import LatentCache, video_batch
-from neodragon.recipes.teacher import normalize_latents
+from neodragon.recipes.nano import LatentCache, encode_training_videos
 
 ATTRIBUTES = ("shape", "colour", "motion", "count")
 SHARD = "shard_00000.safetensors"
@@ -67,13 +66,11 @@ def write_subset(latents_dir: Path, count: int, out: Path, vae_dir: Path | None 
     (out / "geometry.json").write_text(json.dumps({"height": size, "width": size}) + "\n")
 
 
-@torch.no_grad()
 def encode_videos(vae_dir: Path, rows: list[int], size: int) -> torch.Tensor:
     """Items ``rows`` of the `train` split rendered at ``size`` and encoded as `encode-latents` does."""
     vae = AsymmetricCausalVideoVAE.from_pretrained(vae_dir).float().eval()
     stats = json.loads((vae_dir / "latent_stats.json").read_text())
-    return torch.cat([normalize_latents(vae.encode(video_batch("train", rows[i : i + 4], 17, size)[0])
-                                        .latent_dist.mean, stats) for i in range(0, len(rows), 4)])
+    return torch.cat([encode_training_videos(vae, stats, rows[i : i + 4], size)[0] for i in range(0, len(rows), 4)])
 
 
 def judged(judge, frames: torch.Tensor, entries) -> dict[str, float]:
@@ -111,11 +108,9 @@ def stage_rows(pipe, cached: torch.Tensor, captions: list[str], steps: int) -> l
     rows = ["| stage | error of the stage's end point / length of its flow |", "|---:|---:|"]
     for stage in range(scheduler.config.stages):
         start, velocity, _ = scheduler.training_target(frame0, noise, stage, 0)  # index 0: the window's start
-        end, x = start - velocity, start
-        sigmas = scheduler.stage_sigmas(steps, stage)
-        for i, t in enumerate(scheduler.stage_timesteps(steps, stage)):
-            v = pipe.transformer([[x]], cond.context, cond.mask, cond.pooled, t.expand(len(captions)))[0]
-            x = scheduler.step(v, sigmas[i], sigmas[i + 1], x)
+        # the pipeline's own sampler, started at `stage` and given no later stage to go on to
+        x = pipe.sample_unit(start, None, cond, [steps] * (stage + 1), 1.0, first_stage=stage)
+        end = start - velocity
         rows.append(f"| {stage} | {(x - end).square().mean() / velocity.square().mean():.4f} |")
     return rows
 

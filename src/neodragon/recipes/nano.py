@@ -49,6 +49,16 @@ from .vae import (
 SHARD = 256  # latents per cache file
 
 
+@torch.no_grad()
+def encode_training_videos(vae: AsymmetricCausalVideoVAE, stats: dict[str, float], indices, size: int = 128,
+                           seed: int = 0, styles: Sequence[str] = ("none",),
+                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[str]]:
+    """Training videos ``indices`` (17 frames, ``size`` x ``size``) as normalised latent means on the CPU, with
+    their captions: what a latent cache holds."""
+    videos, captions = video_batch("train", indices, 17, size, seed=seed, styles=styles)
+    return normalize_latents(vae.encode(videos.to(device)).latent_dist.mean.cpu(), stats), captions
+
+
 def video_batch(split: str, indices, num_frames: int, size: int, crop: int | None = None,
                 seed: int = 0, styles: Sequence[str] = ("none",)) -> tuple[torch.Tensor, list[str]]:
     """Rendered ShapesWorld videos ``[B, 3, T, H, W]`` and captions, optionally cropped (see ``clip_batch``)."""
@@ -212,8 +222,8 @@ def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, ba
         indices = range(shard * SHARD, min((shard + 1) * SHARD, num_videos))
         latents, captions = [], []
         for chunk in [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]:
-            videos, texts = video_batch("train", chunk, 17, 128, seed=seed, styles=styles)
-            latents.append(normalize_latents(vae.encode(videos.to(device)).latent_dist.mean.cpu(), stats))
+            encoded, texts = encode_training_videos(vae, stats, chunk, seed=seed, styles=styles, device=device)
+            latents.append(encoded)
             captions += texts
         tmp = path.with_suffix(".tmp")
         save_file({"latents": torch.cat(latents).contiguous()}, str(tmp),
