@@ -1,10 +1,12 @@
 """Where one nano-teacher training step spends its time: batch assembly, the copy to the accelerator, and the DiT's
 forward + backward + AdamW step, per batch size and per (unit, stage). Runs on CUDA when there is a GPU.
 
-Run from the repository root, on a latent cache and a trained DiT:
+Run from the repository root, on a latent cache and a trained DiT, or freshly initialised DiTs of given sizes
+(step time does not depend on the weights):
 
     python benchmarks/profile_teacher_step.py --latents /work/runs/latents \
         --dit src/neodragon/weights/nano/diffusion_transformer_320p_multistep_t2v --batch-sizes 256 1024 4096
+    python benchmarks/profile_teacher_step.py --latents /work/runs/latents --size 6x4 --size 10x5
 
 Prints milliseconds per step, averaged over the steps after ``--warmup``.
 """
@@ -19,7 +21,12 @@ import torch
 from accelerate.utils import send_to_device
 
 from neodragon.models.mmdit import PyramidMMDiT
-from neodragon.recipes.nano import batch_flow_matching_loss, flow_matching_batches, teacher_training_data
+from neodragon.recipes.nano import (
+    batch_flow_matching_loss,
+    flow_matching_batches,
+    teacher_dit_config,
+    teacher_training_data,
+)
 from neodragon.recipes.teacher import TeacherRecipe
 from neodragon.recipes.training import TrainConfig
 from neodragon.schedulers import PyramidFlowMatchScheduler
@@ -54,7 +61,10 @@ def profile(batch_fn, dit: PyramidMMDiT, device: str, steps: int, warmup: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latents", type=Path, required=True, help="A `train encode-latents` folder.")
-    parser.add_argument("--dit", type=Path, required=True, help="A trained DiT folder (final/ or a bundle's).")
+    sources = parser.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--dit", type=Path, help="A trained DiT folder (final/ or a bundle's).")
+    sources.add_argument("--size", action="append", help="LAYERSxHEADS of a fresh DiT (as `train teacher "
+                         "--layers --heads`); repeat to compare sizes.")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
@@ -66,12 +76,23 @@ def main() -> None:
     cache, text = teacher_training_data(args.latents, TeacherRecipe(), device)
     if args.cache_device == "cpu":
         cache.to("cpu")
-    dit = PyramidMMDiT.from_pretrained(args.dit).float().to(device)
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, {len(cache)} cached videos")
-    for batch_size in args.batch_sizes:
-        batch_fn = flow_matching_batches(cache, text, TrainConfig("unused", batch_size=batch_size), 0.1, 3)
-        phases, per_stage = profile(batch_fn, dit, device, args.steps, args.warmup)
-        print(f"batch {batch_size}: ms per step {phases}; forward+backward+step by (unit, stage) {per_stage}")
+    for name, dit in _dits(args.dit, args.size or []):
+        dit = dit.float().to(device)
+        print(f"DiT {name}: {sum(p.numel() for p in dit.parameters()) / 1e6:.2f} M parameters")
+        for batch_size in args.batch_sizes:
+            batch_fn = flow_matching_batches(cache, text, TrainConfig("unused", batch_size=batch_size), 0.1, 3)
+            phases, per_stage = profile(batch_fn, dit, device, args.steps, args.warmup)
+            print(f"batch {batch_size}: ms per step {phases}; forward+backward+step by (unit, stage) {per_stage}")
+
+
+def _dits(folder: Path | None, sizes: list[str]):
+    """(name, DiT) pairs: the trained one in ``folder``, or fresh ones of each ``LAYERSxHEADS`` size."""
+    if folder is not None:
+        yield str(folder), PyramidMMDiT.from_pretrained(folder)
+    for size in sizes:
+        layers, heads = (int(n) for n in size.lower().split("x"))
+        yield size, PyramidMMDiT(**teacher_dit_config(layers, heads))
 
 
 if __name__ == "__main__":

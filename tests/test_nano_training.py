@@ -9,9 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from neodragon.models.mmdit import PyramidMMDiT
 from neodragon.models.sentence import SentenceTextEncoder
+from neodragon.models.text import TextEncoding
 from neodragon.models.vae import AsymmetricCausalVideoVAE
 from neodragon.pipelines import NeodragonPipeline
 from neodragon.presets import nano_teacher_preset
@@ -21,15 +23,17 @@ from neodragon.recipes.nano import (
     clip_batch,
     encode_latents,
     export_teacher,
+    flow_matching_batches,
     object_crop_offset,
     start_nearly_deterministic,
     train_teacher,
     train_vae,
     variance_preserving_init,
+    video_batch,
 )
 from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss, swap_caption_word
 from neodragon.recipes.training import TrainConfig, read_log
-from neodragon.recipes.vae import VAELossWeights, vae_losses
+from neodragon.recipes.vae import VAELossWeights, load_trained_vae, vae_losses
 from neodragon.schedulers import PyramidFlowMatchScheduler
 
 
@@ -187,6 +191,26 @@ def test_caption_encodings_match_the_text_encoder():
         torch.testing.assert_close(getattr(cached, key), getattr(direct, key), atol=1e-5, rtol=1e-5)
 
 
+def test_flow_matching_batches_stay_on_the_datas_device():
+    """On a GPU the cache and the encodings live there; a batch must not make a round trip through the CPU. The
+    meta device stands in for the GPU: any copy to the CPU would fail."""
+
+    class MetaEncoder:
+        def encode(self, prompts):
+            n = len(prompts)
+            return TextEncoding(torch.zeros(n, 4, 8, device="meta"), torch.ones(n, 4, dtype=torch.long, device="meta"),
+                                torch.zeros(n, 8, device="meta"))
+
+    cache = LatentCache.__new__(LatentCache)
+    cache.latents, cache.captions = torch.zeros(6, 8, 3, 16, 16, device="meta"), [f"caption {i % 3}" for i in range(6)]
+    text = CaptionEncodings(MetaEncoder(), cache.captions)
+    batch = flow_matching_batches(cache, text, TrainConfig(output_dir="unused", batch_size=4), 0.1, 3,
+                                  shape_contrast=True)(0, 0, 1)
+    assert batch["latents"].shape == (4, 8, 3, 16, 16)
+    assert {batch["latents"].device.type, batch["encoding"].tokens.device.type,
+            batch["swapped"].pooled.device.type} == {"meta"}
+
+
 def test_object_weight_emphasises_covered_pixels():
     torch.manual_seed(0)
     vae = AsymmetricCausalVideoVAE(encoder_out_channels=4, encoder_layers_per_block=(1, 1, 1, 1),
@@ -215,6 +239,25 @@ def test_vae_training_starts_from_a_nearly_deterministic_posterior():
     assert before.std.mean() > 0.5
     torch.testing.assert_close(after.std, torch.full_like(after.std, math.exp(-5.0)), rtol=0.2, atol=0)
     torch.testing.assert_close(after.mean, before.mean)  # only the log-variance half changes
+
+
+def test_bundled_vae_encodes_latents_with_the_bundles_statistics(tmp_path):
+    from neodragon.presets import bundled_weights
+
+    bundle = bundled_weights("nano")
+    config = json.loads((bundle / "pipeline_config.json").read_text())
+    vae, stats = load_trained_vae("nano")
+    assert stats == {k: config[k] for k in stats} and len(stats) == 4
+    assert load_trained_vae(bundle)[1] == stats  # the checkpoint folder itself
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_trained_vae(tmp_path / "missing")
+    shard = encode_latents("nano", tmp_path / "latents", num_videos=2, batch_size=2) / "shard_00000.safetensors"
+    latents = load_file(str(shard))["latents"]
+    videos, _ = video_batch("train", range(2), 17, 128)
+    with torch.no_grad():
+        raw = vae.float().encode(videos).latent_dist.mean
+    first = (raw[:, :, :1] - stats["image_latent_shift"]) * stats["image_latent_scale"]
+    torch.testing.assert_close(latents[:, :, :1], first, rtol=1e-4, atol=1e-4)
 
 
 def test_train_cli_rejects_unknown_styles(tmp_path):

@@ -77,7 +77,8 @@ def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: 
 
 
 @app.command("encode-latents")
-def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VAE (the final/ of `train vae`)."),
+def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VAE: the final/ of `train vae`, a "
+                                                "checkpoint folder, or 'nano' (the bundled model's)."),
                    output: Path = OUTPUT,
                    num_videos: int = typer.Option(4096, "--num-videos"),
                    batch_size: int = typer.Option(8, "--batch-size"), seed: int = SEED,
@@ -123,7 +124,8 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
 
 
 @app.command("export-teacher")
-def export_teacher(vae_dir: Path = typer.Option(..., "--vae"), dit_dir: Path = typer.Option(..., "--dit"),
+def export_teacher(vae_dir: Path = typer.Option(..., "--vae", help="As in encode-latents."),
+                   dit_dir: Path = typer.Option(..., "--dit"),
                    output: Path = typer.Option(..., "--output", "-o"),
                    fp16: bool = typer.Option(True, "--fp16/--fp32", help="Cast weights (fp16 for bundling).")) -> None:
     """Assemble a runnable checkpoint folder (official layout) from a trained VAE and DiT."""

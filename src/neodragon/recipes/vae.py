@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ..models.vae import AsymmetricCausalVideoVAE
+from ..pipelines.neodragon import PIPELINE_CONFIG, SUBFOLDERS, PipelineConfig
+from ..presets import PRESETS, bundled_weights
 
 LATENT_STATS = "latent_stats.json"
 
@@ -141,3 +143,23 @@ def load_latent_statistics(folder: str | Path) -> dict[str, float]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: train the VAE with `neodragon train vae` first.")
     return json.loads(path.read_text())
+
+
+def load_trained_vae(source: str | Path) -> tuple[AsymmetricCausalVideoVAE, dict[str, float]]:
+    """A trained VAE and its latent statistics, from the ``final/`` of `train vae`, a checkpoint folder in the
+    pipeline layout, or a bundled preset's name (``nano``): then latents are those the bundled DiT was trained on,
+    without the training run's folder."""
+    folder = Path(source)
+    if not folder.is_dir() and str(source) in PRESETS:
+        folder = bundled_weights(str(source))
+        if folder is None:
+            raise FileNotFoundError(f"No trained weights are bundled for the '{source}' preset.")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"VAE folder {folder} does not exist: pass the final/ of `neodragon train vae`, a "
+                                "checkpoint folder, or 'nano' for the bundled model's VAE.")
+    if (folder / PIPELINE_CONFIG).is_file():
+        config = PipelineConfig.load(folder)
+        stats = {key: getattr(config, key) for key in ("image_latent_shift", "image_latent_scale",
+                                                       "video_latent_shift", "video_latent_scale")}
+        return AsymmetricCausalVideoVAE.from_pretrained(folder / SUBFOLDERS["vae"]), stats
+    return AsymmetricCausalVideoVAE.from_pretrained(folder), load_latent_statistics(folder)
