@@ -24,8 +24,10 @@ from neodragon.recipes.nano import (
     encode_latents,
     export_teacher,
     flow_matching_batches,
+    grow_depth,
     object_crop_offset,
     start_nearly_deterministic,
+    teacher_dit_config,
     train_teacher,
     train_vae,
     variance_preserving_init,
@@ -281,10 +283,35 @@ def test_teacher_init_from_loads_a_trained_dit(latents, tmp_path):
     end = PyramidMMDiT.from_pretrained(tmp_path / "run" / "final").state_dict()
     assert all(end[k].dtype == torch.float32 and torch.equal(end[k], start[k]) for k in start)
 
-    other = dict(nano_teacher_preset().dit, num_layers=1)
-    PyramidMMDiT(**other).save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="not a nano teacher DiT of this size"):
-        train_teacher(config(tmp_path / "bad", 1), latents, init_from=tmp_path / "other")
+    for name, size in (("narrower", {"num_attention_heads": 2, "caption_projection_dim": 64}),
+                       ("deeper", {"num_layers": 7})):  # a DiT can grow deeper, not shallower or wider
+        PyramidMMDiT(**dict(nano_teacher_preset().dit, **size)).save_pretrained(tmp_path / name)
+        with pytest.raises(ValueError, match="not a nano teacher DiT of this size"):
+            train_teacher(config(tmp_path / "bad", 1), latents, init_from=tmp_path / name)
+
+
+def test_grow_depth_keeps_the_function_and_trains_the_new_blocks(latents, tmp_path):
+    torch.manual_seed(0)
+    dit = PyramidMMDiT(**dict(nano_teacher_preset().dit, num_layers=3)).eval()
+    inputs = ([[torch.randn(2, 8, 1, 16, 16)]], torch.randn(2, 32, 384), torch.ones(2, 32, dtype=torch.long),
+              torch.randn(2, 384), torch.tensor([500.0, 300.0]))
+    with torch.no_grad():
+        before = dit(*inputs)[0]
+    old = list(dit.transformer_blocks)
+    grown = grow_depth(dit, 6)
+    is_old = [any(block is o for o in old) for block in grown.transformer_blocks]
+    assert is_old == [True, False, False, True, False, True]  # spread over the depth; the text-only block stays last
+    assert grown.config.num_layers == 6 and grown.transformer_blocks[-1].context_pre_only
+    with torch.no_grad():
+        torch.testing.assert_close(grown(*inputs)[0], before, rtol=0, atol=0)
+    grown(*inputs)[0].square().mean().backward()
+    new = [block for block, was_old in zip(grown.transformer_blocks, is_old, strict=True) if not was_old]
+    assert all(block.norm1.linear.weight.grad.abs().sum() > 0 for block in new)  # the gates learn first
+
+    PyramidMMDiT(**dict(nano_teacher_preset().dit, num_layers=2)).save_pretrained(tmp_path / "shallow")
+    train_teacher(config(tmp_path / "run", 1), latents, init_from=tmp_path / "shallow",
+                  dit_config=teacher_dit_config(layers=3))
+    assert PyramidMMDiT.from_pretrained(tmp_path / "run" / "final").config.num_layers == 3
 
 
 def test_train_cli_rejects_a_non_positive_time_budget(tmp_path):

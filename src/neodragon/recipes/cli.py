@@ -101,7 +101,8 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
             lr: float = LR, save_every: int = SAVE, seed: int = SEED,
             text_dropout: float = typer.Option(0.1, "--text-dropout"),
             init_from: Path = typer.Option(None, "--init-from", help="Start from a trained DiT: a `train teacher` "
-                                           "final/ or a bundle's transformer folder (fresh optimiser)."),
+                                           "final/ or a bundle's transformer folder (fresh optimiser); with more "
+                                           "--layers than it has, it grows (new blocks start as the identity)."),
             max_minutes: float = MAX_MINUTES,
             shape_contrast: float = typer.Option(0.0, "--shape-contrast", help="Weight of a hinge that makes a "
                                                  "one-object video's true shape word fit better than another "

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..data import sample
-from ..models.mmdit import PyramidMMDiT
+from ..models.mmdit import JointTransformerBlock, PyramidMMDiT
 from ..models.sentence import SentenceTextEncoder
 from ..models.text import TextEncoding
 from ..models.vae import AsymmetricCausalVideoVAE, CausalResnetBlock3D, MemBlock
@@ -389,10 +389,38 @@ def _initial_dit(config: dict, init_from: str | Path | None) -> PyramidMMDiT:
         return PyramidMMDiT(**config)
     dit = PyramidMMDiT.from_pretrained(init_from).float()
     mismatched = {k: (v, dit.config.get(k)) for k, v in config.items() if dit.config.get(k) != v}
+    if set(mismatched) == {"num_layers"} and config["num_layers"] > dit.config.num_layers:
+        return grow_depth(dit, config["num_layers"])
     if mismatched:
         raise ValueError(f"{init_from} is not a nano teacher DiT of this size: config differs in {mismatched} "
                          "(--init-from takes a `train teacher` final/ folder or a bundle's transformer folder; give "
-                         "the --layers / --heads it was trained with).")
+                         "the --heads it was trained with, and --layers at least its depth).")
+    return dit
+
+
+def grow_depth(dit: PyramidMMDiT, num_layers: int, seed: int = 0) -> PyramidMMDiT:
+    """``dit`` with ``num_layers`` blocks and the same function: new blocks are placed after the old ones in turn
+    (never after the last, which only reads the text) with zeroed AdaLN-Zero modulation, so each starts as the
+    identity on both streams and learns its gates first, as a fresh DiT's blocks do."""
+    old = list(dit.transformer_blocks)
+    if num_layers <= len(old):
+        raise ValueError(f"Growing needs more than the DiT's {len(old)} layers, got {num_layers}.")
+    torch.manual_seed(seed)
+    width, heads = dit.config.num_attention_heads * dit.config.attention_head_dim, dit.config.num_attention_heads
+    extra = [0] * (len(old) - 1)
+    for i in range(num_layers - len(old)):
+        extra[i % len(extra)] += 1
+    blocks = []
+    for index, block in enumerate(old):
+        blocks.append(block)
+        for _ in range(extra[index] if index < len(extra) else 0):
+            new = JointTransformerBlock(width, heads, context_pre_only=False)
+            for norm in (new.norm1, new.norm1_context):
+                nn.init.zeros_(norm.linear.weight)
+                nn.init.zeros_(norm.linear.bias)
+            blocks.append(new)
+    dit.transformer_blocks = nn.ModuleList(blocks)
+    dit.register_to_config(num_layers=num_layers)
     return dit
 
 
