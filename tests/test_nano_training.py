@@ -307,6 +307,8 @@ def test_grow_depth_keeps_the_function_and_trains_the_new_blocks(latents, tmp_pa
     grown(*inputs)[0].square().mean().backward()
     new = [block for block, was_old in zip(grown.transformer_blocks, is_old, strict=True) if not was_old]
     assert all(block.norm1.linear.weight.grad.abs().sum() > 0 for block in new)  # the gates learn first
+    with pytest.raises(ValueError, match="at least 2 layers"):
+        grow_depth(PyramidMMDiT(**dict(nano_teacher_preset().dit, num_layers=1)), 3)
 
     PyramidMMDiT(**dict(nano_teacher_preset().dit, num_layers=2)).save_pretrained(tmp_path / "shallow")
     train_teacher(config(tmp_path / "run", 1), latents, init_from=tmp_path / "shallow",

@@ -403,22 +403,24 @@ def grow_depth(dit: PyramidMMDiT, num_layers: int, seed: int = 0) -> PyramidMMDi
     (never after the last, which only reads the text) with zeroed AdaLN-Zero modulation, so each starts as the
     identity on both streams and learns its gates first, as a fresh DiT's blocks do."""
     old = list(dit.transformer_blocks)
-    if num_layers <= len(old):
-        raise ValueError(f"Growing needs more than the DiT's {len(old)} layers, got {num_layers}.")
-    torch.manual_seed(seed)
+    if not 2 <= len(old) < num_layers:
+        raise ValueError(f"Growing needs a DiT of at least 2 layers and a larger depth; got {len(old)} -> "
+                         f"{num_layers}.")
     width, heads = dit.config.num_attention_heads * dit.config.attention_head_dim, dit.config.num_attention_heads
     extra = [0] * (len(old) - 1)
     for i in range(num_layers - len(old)):
         extra[i % len(extra)] += 1
     blocks = []
-    for index, block in enumerate(old):
-        blocks.append(block)
-        for _ in range(extra[index] if index < len(extra) else 0):
-            new = JointTransformerBlock(width, heads, context_pre_only=False)
-            for norm in (new.norm1, new.norm1_context):
-                nn.init.zeros_(norm.linear.weight)
-                nn.init.zeros_(norm.linear.bias)
-            blocks.append(new)
+    with torch.random.fork_rng():  # seeded weights, without touching the caller's random state
+        torch.manual_seed(seed)
+        for index, block in enumerate(old):
+            blocks.append(block)
+            for _ in range(extra[index] if index < len(extra) else 0):
+                new = JointTransformerBlock(width, heads, context_pre_only=False)
+                for norm in (new.norm1, new.norm1_context):
+                    nn.init.zeros_(norm.linear.weight)
+                    nn.init.zeros_(norm.linear.bias)
+                blocks.append(new)
     dit.transformer_blocks = nn.ModuleList(blocks)
     dit.register_to_config(num_layers=num_layers)
     return dit
