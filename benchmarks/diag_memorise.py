@@ -34,8 +34,8 @@ from neodragon import load_pipeline
 from neodragon.eval.judge import load_judge
 from neodragon.eval.metrics import semantic_scores
 from neodragon.eval.prompts import _entry, _items, _object_dimensions, load_prompt_set, save_prompt_set
-from neodragon.models.vae import AsymmetricCausalVideoVAE
 from neodragon.recipes.nano import LatentCache, encode_training_videos
+from neodragon.recipes.vae import load_trained_vae
 
 ATTRIBUTES = ("shape", "colour", "motion", "count")
 SHARD = "shard_00000.safetensors"
@@ -68,8 +68,8 @@ def write_subset(latents_dir: Path, count: int, out: Path, vae_dir: Path | None 
 
 def encode_videos(vae_dir: Path, rows: list[int], size: int) -> torch.Tensor:
     """Items ``rows`` of the `train` split rendered at ``size`` and encoded as `encode-latents` does."""
-    vae = AsymmetricCausalVideoVAE.from_pretrained(vae_dir).float().eval()
-    stats = json.loads((vae_dir / "latent_stats.json").read_text())
+    vae, stats = load_trained_vae(vae_dir)
+    vae = vae.float().eval()
     return torch.cat([encode_training_videos(vae, stats, rows[i : i + 4], size)[0] for i in range(0, len(rows), 4)])
 
 
@@ -148,7 +148,8 @@ def main() -> None:
     subset.add_argument("--count", type=int, default=32)
     subset.add_argument("--skip", type=int, default=0, help="Leave out the first SKIP one-object videos.")
     subset.add_argument("--out", type=Path, required=True)
-    subset.add_argument("--vae", type=Path, help="Re-render the videos at --size and encode them with this VAE.")
+    subset.add_argument("--vae", type=Path, help="Re-render the videos at --size and encode them with this VAE "
+                        "(a `train vae` final/, a checkpoint folder or 'nano').")
     subset.add_argument("--size", type=int, default=128, help="Frame size with --vae.")
     scoring = commands.add_parser("score", help="Judge a model's samples of the subset.")
     scoring.add_argument("--set", type=Path, required=True, help="The folder `subset` wrote.")

@@ -407,15 +407,15 @@ def grow_depth(dit: PyramidMMDiT, num_layers: int, seed: int = 0) -> PyramidMMDi
         raise ValueError(f"Growing needs a DiT of at least 2 layers and a larger depth; got {len(old)} -> "
                          f"{num_layers}.")
     width, heads = dit.config.num_attention_heads * dit.config.attention_head_dim, dit.config.num_attention_heads
-    extra = [0] * (len(old) - 1)
+    extra = [0] * len(old)  # new blocks after each old one; the last old block gets none
     for i in range(num_layers - len(old)):
-        extra[i % len(extra)] += 1
+        extra[i % (len(old) - 1)] += 1
     blocks = []
     with torch.random.fork_rng():  # seeded weights, without touching the caller's random state
         torch.manual_seed(seed)
         for index, block in enumerate(old):
             blocks.append(block)
-            for _ in range(extra[index] if index < len(extra) else 0):
+            for _ in range(extra[index]):
                 new = JointTransformerBlock(width, heads, context_pre_only=False)
                 for norm in (new.norm1, new.norm1_context):
                     nn.init.zeros_(norm.linear.weight)
