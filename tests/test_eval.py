@@ -8,7 +8,16 @@ from typer.testing import CliRunner
 
 from neodragon.data import COLOURS, MOTIONS, SHAPES, STYLES, collate, sample
 from neodragon.eval.cli import app
-from neodragon.eval.judge import Judge, export_judge, load_judge, real_videos, scene_dict, slot_targets
+from neodragon.eval.judge import (
+    Judge,
+    export_judge,
+    item_jitter,
+    load_judge,
+    real_videos,
+    scene_dict,
+    slot_targets,
+    train_judge,
+)
 from neodragon.eval.metrics import (
     DYNAMIC_THRESHOLD,
     accuracy_table,
@@ -176,6 +185,29 @@ def test_slot_targets_order_objects_by_place():
         assert [SHAPES[s] for s in targets["slot_shape"][i] if s >= 0] == [o["shape"] for o in objects]
         relation = {"none": 0, "left_of": 1, "right_of": 1, "above": 2, "below": 2}[truth["relation"]]
         assert targets["relation"][i] == relation and targets["count"][i] == len(objects) - 1
+
+
+def test_training_jitter_is_a_function_of_the_item_and_spares_half():
+    amounts = [item_jitter("train", i, 0, 0.1) for i in range(400)]
+    assert amounts == [item_jitter("train", i, 0, 0.1) for i in range(400)]
+    assert 0.4 < amounts.count(0.0) / 400 < 0.6 and 0 < max(amounts) < 0.1
+    videos, _ = real_videos("train", range(4), num_frames=9, size=32, jitter=0.1, mixed=True)
+    exact, _ = real_videos("train", range(4), num_frames=9, size=32)
+    changed = [not torch.equal(a, b) for a, b in zip(videos, exact, strict=True)]
+    assert changed == [amount > 0 for amount in amounts[:4]]
+
+
+def test_train_judge_runs_saves_and_records_its_calibration(tmp_path):
+    from neodragon.recipes.training import TrainConfig
+
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=2, learning_rate=1e-3, save_every=1,
+                         log_every=1, seed=0)
+    judge = train_judge(config, eval_count=2, workers=0, jitter=0.1)
+    calibration = load_judge(tmp_path / "judge").config.calibration
+    assert calibration["train_jitter"] == 0.1 and calibration["train_videos"] == 4
+    assert {"accuracy_eval", "accuracy_heldout", "accuracy_heldout_jittered"} <= set(calibration)
+    assert calibration["fvd_noise"] > 0 and (tmp_path / "checkpoints").is_dir()
+    assert not judge.training
 
 
 def test_judge_save_load_round_trip(tmp_path):

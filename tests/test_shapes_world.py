@@ -154,6 +154,22 @@ def test_motions_are_visible_and_match_their_label():
             assert (y[0] - y[len(y) // 2]).abs() < 1  # touches down in the middle too
 
 
+def test_jitter_wobbles_each_frame_but_keeps_the_scene_and_its_labels():
+    spec = one("square", motion="still", size="small")
+    exact, wobbly = render(spec, 3), render(spec, 3, jitter=0.1)
+    assert torch.equal(render(spec, 3, jitter=0.0).video, exact.video)
+    assert wobbly.caption == exact.caption and wobbly.labels == exact.labels
+    exact_mask, mask = colour_mask(exact.video, "red"), colour_mask(wobbly.video, "red")
+    size = mask.sum((1, 2)).float() / exact_mask.sum((1, 2)).float()
+    shift = (centroids(mask) - centroids(exact_mask)).abs()
+    radius = shapes_world.RADIUS["small"] * 128
+    assert size.std() > 0.02 and shift.std() > 0.05  # an independent wobble per frame ...
+    assert ((size > 0.9**2 - 0.05) & (size < 1.1**2 + 0.05)).all()  # ... of up to 10% in size
+    assert shift.max() <= 0.1 * radius + 0.5  # and 0.1 radii in place
+    with pytest.raises(ValueError, match="jitter"):
+        render(spec, 3, jitter=1.0)
+
+
 def test_two_object_relation_holds_in_every_frame():
     rng = np.random.default_rng(0)
     specs = [spec for spec in (sample_spec(rng) for _ in range(80)) if len(spec.objects) == 2][:16]

@@ -222,10 +222,11 @@ def _fits(spec: SceneSpec) -> bool:
 
 
 def sample(split: str, index: int, base_seed: int = 0, *, num_frames: int = 17, height: int = 128,
-           width: int = 128, styles: Sequence[str] = ("none",)) -> Sample:
+           width: int = 128, styles: Sequence[str] = ("none",), jitter: float = 0.0) -> Sample:
     """Item ``index`` of ``split``: deterministic per (split, index, base_seed). The style is drawn from
     ``styles`` by its own random stream, so an index shows the same scene whatever the styles. "train" captions
-    sometimes leave out sizes or the background; "eval" and "heldout" captions mention everything."""
+    sometimes leave out sizes or the background; "eval" and "heldout" captions mention everything. ``jitter``:
+    see ``render``."""
     _check(split, SPLITS)
     _check_styles(styles)
     rng = np.random.default_rng([base_seed, SPLITS.index(split), index])
@@ -233,7 +234,7 @@ def sample(split: str, index: int, base_seed: int = 0, *, num_frames: int = 17, 
     seed = int(rng.integers(2**63))
     style = _pick(np.random.default_rng([base_seed, SPLITS.index(split), index, 1]), styles)
     return render(dataclasses.replace(spec, style=style), seed, num_frames=num_frames, height=height, width=width,
-                  complete_caption=split != "train")
+                  complete_caption=split != "train", jitter=jitter)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,8 +242,16 @@ def sample(split: str, index: int, base_seed: int = 0, *, num_frames: int = 17, 
 
 
 def render(spec: SceneSpec, seed: int, *, num_frames: int = 17, height: int = 128, width: int = 128,
-           complete_caption: bool = True) -> Sample:
-    """The video of ``spec``; ``seed`` sets the positions, the spin direction and the caption's wording."""
+           complete_caption: bool = True, jitter: float = 0.0) -> Sample:
+    """The video of ``spec``; ``seed`` sets the positions, the spin direction and the caption's wording.
+
+    ``jitter`` > 0 wobbles every object independently per frame: its size by up to ``jitter`` (relative) and its
+    centre by up to ``jitter`` radii along each axis, a nuisance that leaves every label true (the judge learns to
+    read motion as the trend, not as frame-to-frame noise). It draws from its own random stream, after the layout,
+    so the scene and its caption are those of ``jitter`` = 0, and an object may cross the margin by a pixel or two.
+    """
+    if not 0 <= jitter < 1:
+        raise ValueError(f"jitter must be in [0, 1), got {jitter}")
     if num_frames < 1 or (num_frames - 1) % 8:
         raise ValueError(f"num_frames must be 1 + 8k, got {num_frames}")
     if min(height, width) < 16:
@@ -257,8 +266,13 @@ def render(spec: SceneSpec, seed: int, *, num_frames: int = 17, height: int = 12
     ys = np.arange(height, dtype=np.float32) + 0.5
     alpha = np.zeros((num_frames, height, width), np.float32)
     paint = np.zeros((3, num_frames, height, width), np.float32)
+    wobble = np.random.default_rng([seed, 1]) if jitter else None
     for obj, (x0, y0) in zip(spec.objects, starts, strict=True):
         dx, dy, scale = _trajectory(obj.motion, t)
+        if wobble is not None:
+            dx, dy, scale = (dx + jitter * RADIUS[obj.size] * wobble.uniform(-1, 1, num_frames),
+                             dy + jitter * RADIUS[obj.size] * wobble.uniform(-1, 1, num_frames),
+                             scale * (1 + jitter * wobble.uniform(-1, 1, num_frames)))
         angle = np.pi * t * (1 if rng.random() < 0.5 else -1) if obj.motion == "spinning" else None
         cx, cy, radius = (x0 + dx) * unit, (y0 + dy) * unit, RADIUS[obj.size] * scale * unit
         cols = slice(max(0, math.floor((cx - radius).min())), math.ceil((cx + radius).max()))

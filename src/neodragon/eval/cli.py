@@ -155,6 +155,9 @@ def train_judge(
     workers: int = typer.Option(1, "--workers", min=0, help="Processes that render the training videos."),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch threads of the training process."),
     seed: int = typer.Option(0, "--seed"),
+    jitter: float = typer.Option(0.1, "--jitter", min=0.0, max=0.5,
+                                 help="Half of the training videos wobble per frame by up to this much (size, "
+                                      "and place in radii); 0 trains on exact renders only."),
     export: Path = typer.Option(None, "--export", help="Also write the float16 judge here (the bundled copy)."),
 ) -> None:
     """Train the judge on real ShapesWorld videos (train split, every style); resumes from the last checkpoint."""
@@ -168,10 +171,10 @@ def train_judge(
     config = TrainConfig(output_dir=str(output_dir), max_steps=steps, batch_size=batch_size,
                          learning_rate=learning_rate, weight_decay=1e-4, warmup_steps=warmup, grad_clip=0.0,
                          save_every=save_every, log_every=25, seed=seed)
-    judge = train(config, eval_videos, workers)
+    judge = train(config, eval_videos, workers, jitter)
     if export is not None:
         export_judge(judge, export)
-    for split in ("eval", "heldout"):
+    for split in ("eval", "heldout", "heldout_jittered"):
         table = judge.config.calibration[f"accuracy_{split}"]
         typer.echo(f"{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in table.items()))
     typer.echo(f"FVD-nano of noise videos: {judge.config.calibration['fvd_noise']:.2f}; judge in {output_dir}/judge"
