@@ -22,6 +22,7 @@ from neodragon.eval.metrics import (
     DYNAMIC_THRESHOLD,
     accuracy_table,
     bounds,
+    by_object_count,
     consistency,
     edge_energy,
     evaluate,
@@ -279,6 +280,20 @@ def test_nano_heldout_covers_every_heldout_pair():
 # -- end to end ----------------------------------------------------------------------------------------------------
 
 
+def test_by_object_count_splits_object_prompts_and_leaves_out_style_prompts():
+    entries = load_prompt_set("nano-eval")
+    one = next(e for e in entries if len(e.scene["objects"]) == 1 and "object_class" in e.dimensions)
+    two = next(e for e in entries if len(e.scene["objects"]) == 2)
+    styled = next(e for e in entries if e.dimensions == ("appearance_style",))
+
+    def row(value: float) -> dict:
+        return {"shape": value, "colour": 1.0, "size": 0.0, "motion": value, "count": 1.0}
+
+    table = by_object_count([row(1.0), row(0.5), row(0.0), row(0.0)], [one, two, one, styled])
+    assert table == {"1": {"prompts": 2, "shape": 0.5, "colour": 1.0, "size": 0.0, "motion": 0.5, "count": 1.0},
+                     "2": {"prompts": 1, "shape": 0.5, "colour": 1.0, "size": 0.0, "motion": 0.5, "count": 1.0}}
+
+
 def test_evaluate_scores_real_videos_as_near_perfect():
     entries = load_prompt_set("nano-eval")[:3]
     judge = load_judge()
@@ -310,6 +325,7 @@ def test_cli_run_writes_json_and_markdown(tmp_path):
     assert set(data["judge_accuracy_real"]) >= {"prompt_set", "accuracy_eval", "accuracy_heldout"}
     assert 0 <= data["generated"]["total"] <= 1
     assert "| **total** |" in out.with_suffix(".md").read_text()
+    assert sum(group["prompts"] for group in data["by_object_count"]["generated"].values()) == 2
     assert CliRunner().invoke(app, args).exit_code == 1  # no overwrite without --overwrite
 
 

@@ -285,6 +285,8 @@ def evaluate(generate: Callable[[str, int], torch.Tensor], entries: Sequence[Pro
         scores, scenes, rows = _dimension_scores(frames, reference, judge, entries, reference_features)
         results[name] = {"dimensions": scores, **vbench_total(scores, limits)}
         per_prompt.append((scenes, rows))
+    results["by_object_count"] = {name: by_object_count(rows, entries)
+                                  for name, (_, rows) in zip(("generated", "real"), per_prompt, strict=True)}
     results["judge_accuracy_real"] = {
         "prompt_set": accuracy_table(per_prompt[1][0], [e.scene for e in entries]),
         **{k: v for k, v in judge.config.calibration.items() if k.startswith("accuracy_")}}
@@ -293,6 +295,18 @@ def evaluate(generate: Callable[[str, int], torch.Tensor], entries: Sequence[Pro
          "judge_on_real": real_scene}
         for e, scene, row, real_scene in zip(entries, *per_prompt[0], per_prompt[1][0], strict=True)]
     return results
+
+
+def by_object_count(rows: Sequence[dict], entries: Sequence[PromptEntry]) -> dict[str, dict[str, float]]:
+    """Object-attribute accuracies (``semantic_scores`` rows) over the object prompts, split by how many objects
+    the prompt has: a two-object scene can fail where one object succeeds (one object's colour on both)."""
+    groups: dict[str, list[dict]] = {}
+    for row, entry in zip(rows, entries, strict=True):
+        if "object_class" in entry.dimensions:
+            groups.setdefault(str(len(entry.scene["objects"])), []).append(row)
+    return {n: {"prompts": len(group), **{a: sum(r[a] for r in group) / len(group)
+                                          for a in (*OBJECT_ATTRIBUTES, "count")}}
+            for n, group in sorted(groups.items())}
 
 
 def markdown_table(results: dict) -> str:
@@ -312,6 +326,13 @@ def markdown_table(results: dict) -> str:
         generated, real = (results[n]["dimensions"][extra] for n in ("generated", "real"))
         if generated is not None:
             lines.append(f"| {extra} (not in the total) | semantic | {generated:.4f} | | {real:.4f} | | |")
+    columns = (*OBJECT_ATTRIBUTES, "count")
+    lines += ["", "Object attributes by the number of objects in the prompt (generated videos; real in brackets):", "",
+              "| objects | prompts | " + " | ".join(columns) + " |", "|---:|---:|" + "---:|" * len(columns)]
+    real = results["by_object_count"]["real"]
+    for n, table in results["by_object_count"]["generated"].items():
+        cells = [f"{table[a]:.4f} ({real[n][a]:.4f})" for a in columns]
+        lines.append(f"| {n} | {table['prompts']} | " + " | ".join(cells) + " |")
     accuracy = results["judge_accuracy_real"]
     keys = list(accuracy["prompt_set"])
     lines += ["", "Judge accuracy on real held-out videos (the bound on what the semantic dimensions can say):", "",
