@@ -1,8 +1,9 @@
 """Can a nano DiT memorise the shapes of a few training videos? A cheap capacity probe for the teacher's shape failure.
 
 A DiT that cannot reproduce the shapes of 32 videos it was trained on, from their exact training captions, cannot
-learn shapes from thousands. ``subset`` writes the first N one-object videos of an `encode-latents` folder as a
-latent folder of their own, and a prompt set with their exact training captions; train any DiT on it with
+learn shapes from thousands. ``subset`` writes the first N one-object videos (``--objects 2``: two-object videos, a
+probe of attribute binding) of an `encode-latents` folder as a latent folder of their own, and a prompt set with
+their exact training captions; train any DiT on it with
 `neodragon train teacher`, export it, and ``score`` it:
 
     python benchmarks/diag_memorise.py subset --latents /work/runs/latents --count 32 --out /work/runs/overfit/set32
@@ -42,16 +43,16 @@ SHARD = "shard_00000.safetensors"
 
 
 def write_subset(latents_dir: Path, count: int, out: Path, vae_dir: Path | None = None, size: int = 128,
-                 skip: int = 0) -> None:
-    """``count`` one-object videos of the (unshuffled, seed-0 `train` split) cache, after the first ``skip`` ones
-    (videos a probe trained on 'skip' videos never saw), with a prompt set.
+                 skip: int = 0, objects: int = 1) -> None:
+    """``count`` videos with ``objects`` objects of the (unshuffled, seed-0 `train` split) cache, after the first
+    ``skip`` such ones (videos a probe trained on 'skip' videos never saw), with a prompt set.
     With ``vae_dir``, the same videos are rendered at ``size`` x ``size`` and encoded by that VAE instead: at
     256, objects cover twice as many latent pixels, as with a 4x-compression VAE at 128."""
     cache = LatentCache(latents_dir)
     rows, entries, seen = [], [], 0
     for (index, spec, render_seed), caption in zip(_items("train"), cache.captions, strict=False):
-        seen += len(spec.objects) == 1
-        if len(spec.objects) == 1 and seen > skip:
+        seen += len(spec.objects) == objects
+        if len(spec.objects) == objects and seen > skip:
             rows.append(index)
             entry = _entry("train", index, spec, render_seed, _object_dimensions(spec))
             entries.append(dataclasses.replace(entry, caption=caption))
@@ -146,7 +147,8 @@ def main() -> None:
     subset = commands.add_parser("subset", help="Write the subset's latents and prompt set.")
     subset.add_argument("--latents", type=Path, required=True, help="A `train encode-latents` folder (seed 0).")
     subset.add_argument("--count", type=int, default=32)
-    subset.add_argument("--skip", type=int, default=0, help="Leave out the first SKIP one-object videos.")
+    subset.add_argument("--skip", type=int, default=0, help="Leave out the first SKIP videos of the kind.")
+    subset.add_argument("--objects", type=int, choices=(1, 2), default=1, help="Objects per video.")
     subset.add_argument("--out", type=Path, required=True)
     subset.add_argument("--vae", type=Path, help="Re-render the videos at --size and encode them with this VAE "
                         "(a `train vae` final/, a checkpoint folder or 'nano').")
@@ -162,7 +164,7 @@ def main() -> None:
     if args.command == "subset":
         if args.size != 128 and args.vae is None:
             parser.error("--size needs --vae (the cached latents are 128 x 128)")
-        write_subset(args.latents, args.count, args.out, args.vae, args.size, args.skip)
+        write_subset(args.latents, args.count, args.out, args.vae, args.size, args.skip, args.objects)
     else:
         score(args)
 
