@@ -20,6 +20,7 @@ from neodragon.eval.judge import (
 )
 from neodragon.eval.metrics import (
     DYNAMIC_THRESHOLD,
+    accuracy_by_value,
     accuracy_table,
     bounds,
     by_object_count,
@@ -294,6 +295,25 @@ def test_by_object_count_splits_object_prompts_and_leaves_out_style_prompts():
                      "2": {"prompts": 1, "shape": 0.5, "colour": 1.0, "size": 0.0, "motion": 0.5, "count": 1.0}}
 
 
+def test_accuracy_by_value_counts_each_prompted_object_under_its_value():
+    from neodragon.eval.prompts import OBJECT_DIMENSIONS, PromptEntry
+
+    def entry(objects: list[dict], dimensions: tuple[str, ...] = OBJECT_DIMENSIONS) -> PromptEntry:
+        scene = {"objects": objects, "relation": "none", "background": "black", "style": "none"}
+        return PromptEntry("x", "c", 0, "eval", 0, 0, scene, False, dimensions)
+
+    red_still = {"shape": "square", "colour": "red", "size": "large", "motion": "still"}
+    blue_left = {"shape": "star", "colour": "blue", "size": "small", "motion": "left"}
+    entries = [entry([red_still]), entry([red_still, blue_left]), entry([blue_left], ("appearance_style",))]
+    predicted = [{"objects": [{**red_still, "motion": "growing"}]},  # a still object read as growing
+                 {"objects": [dict(blue_left)]},  # the red square is missing
+                 {"objects": []}]  # a style-only prompt: not counted
+    table = accuracy_by_value(predicted, entries)
+    assert table["motion"] == {"left": [1, 1], "still": [0, 2]}
+    assert table["colour"] == {"blue": [1, 1], "red": [1, 2]}
+    assert table["shape"] == {"square": [1, 2], "star": [1, 1]}
+
+
 def test_evaluate_scores_real_videos_as_near_perfect():
     entries = load_prompt_set("nano-eval")[:3]
     judge = load_judge()
@@ -326,6 +346,7 @@ def test_cli_run_writes_json_and_markdown(tmp_path):
     assert 0 <= data["generated"]["total"] <= 1
     assert "| **total** |" in out.with_suffix(".md").read_text()
     assert sum(group["prompts"] for group in data["by_object_count"]["generated"].values()) == 2
+    assert "per prompted value" in out.with_suffix(".md").read_text()
     assert CliRunner().invoke(app, args).exit_code == 1  # no overwrite without --overwrite
 
 

@@ -50,9 +50,9 @@ LABEL_SPACES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "motion": MOT
 # for thousands of steps; these weights let every head reach its plateau in one short run.
 LOSS_WEIGHTS = {"slot_shape": 4.0, "slot_motion": 2.0, "style": 2.0}
 _SWAPPED = (RELATIONS.index("right_of"), RELATIONS.index("below"))  # object 1 comes first in slot order
-# Generated objects wobble from frame to frame (about 7% in size and a pixel in place for a still object of the
-# nano teacher); a judge that only saw exact renders read that as motion. Training renders half of the videos
-# with up to this much jitter (``render``); the robustness check renders every video with exactly this much.
+# Generated objects wobble from frame to frame, and a judge that only saw exact renders read any wobble of a still
+# object as motion. Training renders half of the videos with up to this much jitter (``render``: size and place
+# per frame); the robustness check renders every video with exactly this much.
 TRAIN_JITTER = 0.1
 
 

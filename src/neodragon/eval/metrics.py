@@ -287,6 +287,7 @@ def evaluate(generate: Callable[[str, int], torch.Tensor], entries: Sequence[Pro
         per_prompt.append((scenes, rows))
     results["by_object_count"] = {name: by_object_count(rows, entries)
                                   for name, (_, rows) in zip(("generated", "real"), per_prompt, strict=True)}
+    results["by_value"] = accuracy_by_value(per_prompt[0][0], entries)
     results["judge_accuracy_real"] = {
         "prompt_set": accuracy_table(per_prompt[1][0], [e.scene for e in entries]),
         **{k: v for k, v in judge.config.calibration.items() if k.startswith("accuracy_")}}
@@ -307,6 +308,22 @@ def by_object_count(rows: Sequence[dict], entries: Sequence[PromptEntry]) -> dic
     return {n: {"prompts": len(group), **{a: sum(r[a] for r in group) / len(group)
                                           for a in (*OBJECT_ATTRIBUTES, "count")}}
             for n, group in sorted(groups.items())}
+
+
+def accuracy_by_value(predicted: Sequence[dict], entries: Sequence[PromptEntry]) -> dict[str, dict[str, list[int]]]:
+    """[right, total] per attribute and prompted value over the object prompts' objects (matched as in
+    ``semantic_scores``): which shapes, colours or motions fail, e.g. still objects read as moving."""
+    table: dict[str, dict[str, list[int]]] = {a: {} for a in OBJECT_ATTRIBUTES}
+    for scene, entry in zip(predicted, entries, strict=True):
+        if "object_class" not in entry.dimensions:
+            continue
+        expected = entry.scene["objects"]
+        for obj, p in zip(expected, match_objects(expected, scene["objects"]), strict=True):
+            for a in OBJECT_ATTRIBUTES:
+                count = table[a].setdefault(obj[a], [0, 0])
+                count[0] += p is not None and scene["objects"][p][a] == obj[a]
+                count[1] += 1
+    return {a: dict(sorted(values.items())) for a, values in table.items()}
 
 
 def markdown_table(results: dict) -> str:
@@ -333,6 +350,9 @@ def markdown_table(results: dict) -> str:
     for n, table in results["by_object_count"]["generated"].items():
         cells = [f"{table[a]:.4f} ({real[n][a]:.4f})" for a in columns]
         lines.append(f"| {n} | {table['prompts']} | " + " | ".join(cells) + " |")
+    lines += ["", "Generated objects judged right, per prompted value (right / objects):", ""]
+    lines += [f"- {a}: " + ", ".join(f"{v} {r}/{n}" for v, (r, n) in values.items())
+              for a, values in results["by_value"].items()]
     accuracy = results["judge_accuracy_real"]
     keys = list(accuracy["prompt_set"])
     lines += ["", "Judge accuracy on real held-out videos (the bound on what the semantic dimensions can say):", "",
