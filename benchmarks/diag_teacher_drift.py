@@ -78,8 +78,7 @@ def main() -> None:
     report = ReportHead()
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    stats = {k: getattr(pipe.pipeline_config, k) for k in ("image_latent_shift", "image_latent_scale",
-                                                           "video_latent_shift", "video_latent_scale")}
+    stats = pipe.pipeline_config.latent_statistics()
     sums = {mode: [] for mode in ("real", *MODES)}
     per = pipe.vae.config.temporal_downsample_scale  # video frames per later latent frame
     units = (pipe.pipeline_config.num_frames - 1) // per + 1
@@ -97,10 +96,10 @@ def main() -> None:
               "Cells: change from frame 0 / object area relative to frame 0, mean over the unit's frames and the "
               "videos.", "", "| history | " + " | ".join(f"unit {u}" for u in range(1, units)) + " |",
               "|---|" + "---:|" * (units - 1)]
+    frames = [slice(per * (u - 1) + 1, per * u + 1) for u in range(1, units)]
     for mode, rows in sums.items():
         change = torch.stack([c for c, _ in rows]).mean(0)
         area = torch.stack([a for _, a in rows]).mean(0)
-        frames = [slice(per * (u - 1) + 1, per * u + 1) for u in range(1, units)]
         cells = [f"{change[f].mean():.4f} / {area[f].mean():.2f}" for f in frames]
         label = "decoded real latents (the VAE alone)" if mode == "real" else mode
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

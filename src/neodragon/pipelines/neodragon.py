@@ -96,6 +96,11 @@ class PipelineConfig:
     def save(self, root: Path) -> None:
         (root / PIPELINE_CONFIG).write_text(json.dumps(asdict(self), indent=2))
 
+    def latent_statistics(self) -> dict[str, float]:
+        """The latent shift and scale constants, keyed as ``normalize_latents`` and ``latent_stats.json`` key them."""
+        return {key: getattr(self, key) for key in ("image_latent_shift", "image_latent_scale",
+                                                    "video_latent_shift", "video_latent_scale")}
+
 
 @dataclass
 class NeodragonPipelineOutput(BaseOutput):

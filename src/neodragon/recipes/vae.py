@@ -158,8 +158,6 @@ def load_trained_vae(source: str | Path) -> tuple[AsymmetricCausalVideoVAE, dict
         raise FileNotFoundError(f"VAE folder {folder} does not exist: pass the final/ of `neodragon train vae`, a "
                                 "checkpoint folder, or 'nano' for the bundled model's VAE.")
     if (folder / PIPELINE_CONFIG).is_file():
-        config = PipelineConfig.load(folder)
-        stats = {key: getattr(config, key) for key in ("image_latent_shift", "image_latent_scale",
-                                                       "video_latent_shift", "video_latent_scale")}
+        stats = PipelineConfig.load(folder).latent_statistics()
         return AsymmetricCausalVideoVAE.from_pretrained(folder / SUBFOLDERS["vae"]), stats
     return AsymmetricCausalVideoVAE.from_pretrained(folder), load_latent_statistics(folder)
