@@ -11,6 +11,8 @@ from neodragon.eval.cli import app
 from neodragon.eval.judge import (
     Judge,
     export_judge,
+    grid_blur,
+    item_grid_blur,
     item_jitter,
     load_judge,
     real_videos,
@@ -199,15 +201,38 @@ def test_training_jitter_is_a_function_of_the_item_and_spares_half():
     assert changed == [amount > 0 for amount in amounts[:4]]
 
 
+def test_grid_blur_is_a_function_of_the_item_spares_half_and_keeps_still_frames_still():
+    draws = [item_grid_blur("train", i, 0, 0.6) for i in range(400)]
+    assert draws == [item_grid_blur("train", i, 0, 0.6) for i in range(400)]
+    strengths = [amount for amount, _ in draws]
+    assert 0.4 < strengths.count(0.0) / 400 < 0.6 and 0 < max(strengths) < 0.6
+    assert 0.3 < sum(blocky for amount, blocky in draws if amount > 0) / sum(a > 0 for a in strengths) < 0.7
+    video = torch.rand(3, 1, 16, 24).repeat(1, 5, 1, 1)  # a still video
+    assert torch.equal(grid_blur(video, 0.0), video)
+    for blocky in (True, False):
+        blurred = grid_blur(video, 0.5, blocky)
+        assert torch.equal(blurred[:, 1:], blurred[:, :1].expand_as(blurred[:, 1:])), "frames must stay equal"
+        assert not torch.allclose(blurred, video)
+    blocks = grid_blur(video, 1.0, blocky=True)
+    assert torch.allclose(blocks, torch.nn.functional.avg_pool2d(video, 8).repeat_interleave(8, -1)
+                          .repeat_interleave(8, -2))
+    mixed, _ = real_videos("train", range(6), num_frames=9, size=32, blur=0.6, mixed=True)
+    exact, _ = real_videos("train", range(6), num_frames=9, size=32)
+    changed = [not torch.equal(a, b) for a, b in zip(mixed, exact, strict=True)]
+    assert changed == [amount > 0 for amount in strengths[:6]]
+
+
 def test_train_judge_runs_saves_and_records_its_calibration(tmp_path):
     from neodragon.recipes.training import TrainConfig
 
     config = TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=2, learning_rate=1e-3, save_every=1,
                          log_every=1, seed=0)
-    judge = train_judge(config, eval_count=2, workers=0, jitter=0.1)
+    judge = train_judge(config, eval_count=2, workers=0, jitter=0.1, blur=0.6)
     calibration = load_judge(tmp_path / "judge").config.calibration
-    assert calibration["train_jitter"] == 0.1 and calibration["train_videos"] == 4
-    assert {"accuracy_eval", "accuracy_heldout", "accuracy_heldout_jittered"} <= set(calibration)
+    assert calibration["train_jitter"] == 0.1 and calibration["train_grid_blur"] == 0.6
+    assert calibration["train_videos"] == 4
+    assert {"accuracy_eval", "accuracy_heldout", "accuracy_heldout_jittered",
+            "accuracy_heldout_grid_blurred"} <= set(calibration)
     assert calibration["fvd_noise"] > 0 and (tmp_path / "checkpoints").is_dir()
     assert not judge.training
 

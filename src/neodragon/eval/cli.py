@@ -158,6 +158,9 @@ def train_judge(
     jitter: float = typer.Option(0.1, "--jitter", min=0.0, max=0.5,
                                  help="Half of the training videos wobble per frame by up to this much (size, "
                                       "and place in radii); 0 trains on exact renders only."),
+    grid_blur: float = typer.Option(0.6, "--grid-blur", min=0.0, max=1.0,
+                                    help="Half of the training videos are blended by up to this much with a copy "
+                                         "rebuilt from their 8x8 block means (a VAE decoder's blur); 0: none."),
     export: Path = typer.Option(None, "--export", help="Also write the float16 judge here (the bundled copy)."),
 ) -> None:
     """Train the judge on real ShapesWorld videos (train split, every style); resumes from the last checkpoint."""
@@ -171,11 +174,11 @@ def train_judge(
     config = TrainConfig(output_dir=str(output_dir), max_steps=steps, batch_size=batch_size,
                          learning_rate=learning_rate, weight_decay=1e-4, warmup_steps=warmup, grad_clip=0.0,
                          save_every=save_every, log_every=25, seed=seed)
-    judge = train(config, eval_videos, workers, jitter)
+    judge = train(config, eval_videos, workers, jitter, grid_blur)
     if export is not None:
         export_judge(judge, export)
-    for split in ("eval", "heldout", "heldout_jittered"):
-        table = judge.config.calibration[f"accuracy_{split}"]
-        typer.echo(f"{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in table.items()))
+    for key, table in judge.config.calibration.items():
+        if key.startswith("accuracy_"):
+            typer.echo(f"{key.removeprefix('accuracy_')}: " + "  ".join(f"{k} {v:.4f}" for k, v in table.items()))
     typer.echo(f"FVD-nano of noise videos: {judge.config.calibration['fvd_noise']:.2f}; judge in {output_dir}/judge"
                + (f" and {export}" if export is not None else ""))
