@@ -158,9 +158,10 @@ def train_judge(
     jitter: float = typer.Option(0.1, "--jitter", min=0.0, max=0.5,
                                  help="Half of the training videos wobble per frame by up to this much (size, "
                                       "and place in radii); 0 trains on exact renders only."),
-    grid_blur: float = typer.Option(0.6, "--grid-blur", min=0.0, max=1.0,
+    grid_blur: float = typer.Option(0.0, "--grid-blur", min=0.0, max=1.0,
                                     help="Half of the training videos are blended by up to this much with a copy "
-                                         "rebuilt from their 8x8 block means (a VAE decoder's blur); 0: none."),
+                                         "rebuilt from their 8x8 block means (a VAE decoder's blur); 0 (the "
+                                         "bundled judge): none. See docs/results/judge.md before using it."),
     export: Path = typer.Option(None, "--export", help="Also write the float16 judge here (the bundled copy)."),
 ) -> None:
     """Train the judge on real ShapesWorld videos (train split, every style); resumes from the last checkpoint."""
