@@ -240,8 +240,8 @@ def real_videos(split: str, indices: Sequence[int], *, styles: Sequence[str] = S
     videos, _, labels = collate([sample(split, i, seed, num_frames=num_frames, height=size, width=size,
                                         styles=styles, jitter=amount)
                                  for i, amount in zip(indices, jitters, strict=True)])
-    blurs = [item_grid_blur(split, i, seed, blur) if mixed else (blur, False) for i in indices]
-    if any(amount > 0 for amount, _ in blurs):
+    if blur > 0:
+        blurs = [item_grid_blur(split, i, seed, blur) if mixed else (blur, False) for i in indices]
         videos = torch.stack([grid_blur(video, amount, blocky)
                               for video, (amount, blocky) in zip(videos, blurs, strict=True)])
     return videos, labels
@@ -269,8 +269,8 @@ def grid_blur(video: torch.Tensor, strength: float, blocky: bool = False, grid: 
         return video
     frames = video.transpose(0, 1)  # [T, 3, H, W]
     means = F.avg_pool2d(frames, grid)
-    rebuilt = (F.interpolate(means, size=frames.shape[-2:], mode="nearest") if blocky
-               else F.interpolate(means, size=frames.shape[-2:], mode="bilinear", align_corners=False))
+    rebuilt = F.interpolate(means, size=frames.shape[-2:], mode="nearest" if blocky else "bilinear",
+                            align_corners=None if blocky else False)
     return torch.lerp(frames, rebuilt, strength).transpose(0, 1)
 
 
