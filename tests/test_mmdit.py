@@ -3,6 +3,7 @@ import torch
 from conftest import FIXTURES, load_io
 
 from neodragon.models.mmdit import PyramidMMDiT
+from neodragon.presets import nano_teacher_preset
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +109,12 @@ def test_bad_inputs(dit, bad):
 def test_unsupported_config():
     with pytest.raises(NotImplementedError, match="pos_embed_type"):
         PyramidMMDiT(num_layers=1, num_attention_heads=1, attention_head_dim=8, pos_embed_type="rope")
+
+
+def test_compile_repeated_blocks_compiles_each_transformer_block_and_keeps_the_keys():
+    dit = PyramidMMDiT(**nano_teacher_preset().dit)
+    keys = list(dit.state_dict())
+    dit.compile_repeated_blocks(dynamic=True)  # lazy: nothing compiles until the first forward
+    compiled = [m for m in dit.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled == list(dit.transformer_blocks)
+    assert list(dit.state_dict()) == keys  # checkpoints of a compiled run load into a plain DiT

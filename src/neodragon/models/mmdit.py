@@ -164,6 +164,7 @@ class PyramidMMDiT(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _repeated_blocks = ["JointTransformerBlock"]  # what `compile_repeated_blocks()` compiles
 
     @register_to_config
     def __init__(

@@ -349,14 +349,18 @@ def teacher_dit_config(layers: int | None = None, heads: int | None = None) -> d
 
 def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | Path],
                   recipe: TeacherRecipe | None = None, init_from: str | Path | None = None,
-                  dit_config: dict | None = None) -> None:
+                  dit_config: dict | None = None, compile_blocks: bool = False) -> None:
     """Pyramidal flow matching of the nano teacher DiT on cached latents (one or more folders, see
     ``LatentCache``), text from the frozen MiniLM. ``init_from`` starts a new run from a trained DiT folder (a
     ``final/`` or a bundle's transformer); a run folder with checkpoints resumes from them instead.
-    ``dit_config`` (``teacher_dit_config``) sets the DiT's size; the default is the preset's."""
+    ``dit_config`` (``teacher_dit_config``) sets the DiT's size; the default is the preset's. ``compile_blocks``
+    compiles the transformer blocks with dynamic shapes (`compile_repeated_blocks`): the same numbers, fewer
+    kernel launches, after a compile of a minute or two."""
     recipe = recipe or TeacherRecipe()
     cache, text = teacher_training_data(latents_dir, recipe, PartialState().device)
     dit = _initial_dit(dit_config or teacher_dit_config(), init_from)
+    if compile_blocks:
+        dit.compile_repeated_blocks(dynamic=True)
     scheduler = PyramidFlowMatchScheduler()
 
     trainer = Trainer(config, {"dit": dit}, flow_matching_batches(cache, text, config, recipe.text_dropout,
