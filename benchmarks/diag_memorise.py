@@ -35,7 +35,7 @@ from neodragon import load_pipeline
 from neodragon.eval.judge import load_judge
 from neodragon.eval.metrics import semantic_scores
 from neodragon.eval.prompts import _entry, _items, _object_dimensions, load_prompt_set, save_prompt_set
-from neodragon.recipes.nano import LatentCache, encode_training_videos
+from neodragon.recipes.nano import LatentCache, clip_batch, encode_training_videos, latent_object_cover
 from neodragon.recipes.vae import load_trained_vae
 
 ATTRIBUTES = ("shape", "colour", "motion", "count")
@@ -61,8 +61,11 @@ def write_subset(latents_dir: Path, count: int, out: Path, vae_dir: Path | None 
     latents, captions = cache.batch(rows)
     if vae_dir is not None:
         latents = encode_videos(vae_dir, rows, size)
+    _, coverage, _ = clip_batch("train", rows, 17, size)  # the cache may predate stored covers: render them
+    cover = latent_object_cover(coverage, latents.shape[2:])
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents.contiguous()}, str(out / SHARD), metadata={"captions": json.dumps(captions)})
+    save_file({"latents": latents.contiguous(), "cover": cover.contiguous()}, str(out / SHARD),
+              metadata={"captions": json.dumps(captions)})
     save_prompt_set(entries, out / "prompts.json", f"memorise-{count}")
     (out / "geometry.json").write_text(json.dumps({"height": size, "width": size}) + "\n")
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from neodragon.models.mmdit import PyramidMMDiT
 from neodragon.models.sentence import SentenceTextEncoder
@@ -25,6 +25,7 @@ from neodragon.recipes.nano import (
     export_teacher,
     flow_matching_batches,
     grow_depth,
+    latent_object_cover,
     object_crop_offset,
     start_nearly_deterministic,
     teacher_dit_config,
@@ -33,7 +34,7 @@ from neodragon.recipes.nano import (
     variance_preserving_init,
     video_batch,
 )
-from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss, swap_caption_word
+from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss, swap_caption_word, weighted_mse
 from neodragon.recipes.training import TrainConfig, read_log
 from neodragon.recipes.vae import VAELossWeights, load_trained_vae, vae_losses
 from neodragon.schedulers import PyramidFlowMatchScheduler
@@ -136,6 +137,8 @@ def test_latent_cache_is_normalised_and_resumable(latents, vae_run):
     assert len(cache) == 6 and cache.latents.shape == (6, 8, 3, 16, 16)
     batch, captions = cache.batch(range(4, 8))
     assert batch.shape[0] == 4 and captions[2] == cache.captions[0]  # indices wrap around
+    assert cache.cover.shape == (6, 1, 3, 16, 16) and cache.cover.amax() > 0.5  # every video has an object
+    assert torch.equal(cache.object_cover(range(4, 8))[2], cache.cover[0])
     before = sorted(p.stat().st_mtime_ns for p in latents.iterdir())
     encode_latents(vae_run[0] / "final", latents, num_videos=6)  # nothing left to do
     assert sorted(p.stat().st_mtime_ns for p in latents.iterdir()) == before
@@ -205,12 +208,13 @@ def test_flow_matching_batches_stay_on_the_datas_device():
 
     cache = LatentCache.__new__(LatentCache)
     cache.latents, cache.captions = torch.zeros(6, 8, 3, 16, 16, device="meta"), [f"caption {i % 3}" for i in range(6)]
+    cache.cover = torch.zeros(6, 1, 3, 16, 16, device="meta")
     text = CaptionEncodings(MetaEncoder(), cache.captions)
     batch = flow_matching_batches(cache, text, TrainConfig(output_dir="unused", batch_size=4), 0.1, 3,
-                                  shape_contrast=True)(0, 0, 1)
-    assert batch["latents"].shape == (4, 8, 3, 16, 16)
+                                  shape_contrast=True, object_cover=True)(0, 0, 1)
+    assert batch["latents"].shape == (4, 8, 3, 16, 16) and batch["cover"].shape == (4, 1, 3, 16, 16)
     assert {batch["latents"].device.type, batch["encoding"].tokens.device.type,
-            batch["swapped"].pooled.device.type} == {"meta"}
+            batch["swapped"].pooled.device.type, batch["cover"].device.type} == {"meta"}
 
 
 def test_object_weight_emphasises_covered_pixels():
@@ -382,3 +386,44 @@ def test_teacher_size_options_train_export_and_load(vae_run, latents, tmp_path):
         train_teacher(config(tmp_path / "bad", 1), latents, init_from=tmp_path / "run" / "final")
     result = CliRunner().invoke(app, [*args[:5], "--layers", "0"])
     assert result.exit_code == 2 and "layers must be >= 1" in result.output
+
+
+def test_latent_object_cover_takes_the_largest_coverage_each_latent_pixel_encodes():
+    coverage = torch.zeros(1, 1, 17, 16, 16)
+    coverage[0, 0, 0, 15, 0] = 1.0  # frame 0 is latent frame 0 alone
+    coverage[0, 0, 5, 3, 9] = 0.5  # frames 1-8 make latent frame 1
+    coverage[0, 0, 6, 3, 9] = 0.25
+    cover = latent_object_cover(coverage, (3, 2, 2))
+    expected = torch.zeros(1, 1, 3, 2, 2)
+    expected[0, 0, 0, 1, 0], expected[0, 0, 1, 0, 1] = 1.0, 0.5
+    assert cover.dtype == torch.float16 and torch.equal(cover.float(), expected)
+
+
+def test_weighted_mse_weighs_the_covered_pixels():
+    prediction, target = torch.zeros(1, 1, 1, 2, 2), torch.zeros(1, 1, 1, 2, 2)
+    target[..., 0, 0] = 1.0  # the only error sits on the object
+    cover = torch.zeros(1, 1, 3, 2, 2)
+    cover[0, 0, 1, 0, 0] = 1.0  # the object, in latent frame 1
+    assert weighted_mse(prediction, target, 0.0, None, unit=1) == pytest.approx(1 / 4)
+    # weights 4, 1, 1, 1: (4 * 1 / 4) / mean weight 7/4
+    assert weighted_mse(prediction, target, 3.0, cover, unit=1) == pytest.approx(4 / 7)
+    assert weighted_mse(prediction, target, 3.0, cover, unit=0) == pytest.approx(1 / 4)  # no object in frame 0
+    # a lower stage max-pools the cover: one latent pixel, covered, so every error counts alike
+    assert weighted_mse(prediction[..., :1, :1], target[..., :1, :1], 3.0, cover, unit=1) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="object cover"):
+        weighted_mse(prediction, target, 3.0, None, unit=1)
+
+
+def test_teacher_trains_with_object_weight_and_names_coverless_latents(latents, tmp_path):
+    train_teacher(config(tmp_path / "run", 1, batch_size=2), latents, TeacherRecipe(object_weight=4.0))
+    assert read_log(tmp_path / "run")[-1]["loss"] > 0
+    assert json.loads((tmp_path / "run" / "final" / "recipe.json").read_text())["object_weight"] == 4.0
+    shard = load_file(str(latents / "shard_00000.safetensors"))
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({"latents": shard["latents"]}, str(old / "shard_00000.safetensors"),
+              metadata={"captions": json.dumps(LatentCache(latents).captions)})  # written before covers were stored
+    assert LatentCache(old).cover is None
+    with pytest.raises(ValueError, match="re-encode"):
+        train_teacher(config(tmp_path / "old-run", 1, batch_size=2), old, TeacherRecipe(object_weight=4.0))
+    assert not (tmp_path / "old-run").exists()  # refused before anything is written

@@ -108,6 +108,9 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
                                                  "one-object video's true shape word fit better than another "
                                                  "shape's (experimental; 0: off)."),
             contrast_margin: float = typer.Option(0.1, "--contrast-margin"),
+            object_weight: float = typer.Option(0.0, "--object-weight", help="Extra loss weight on the latent "
+                                                "pixels the objects cover (needs latents encoded with their object "
+                                                "cover; 0: plain flow matching)."),
             layers: int = typer.Option(None, "--layers", help="DiT depth [default: the nano teacher preset's, 6]."),
             heads: int = typer.Option(None, "--heads", help="DiT attention heads of width 32 [default: the "
                                       "preset's, 4]; a resumed run needs the same --layers / --heads."),
@@ -124,7 +127,8 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
         raise typer.BadParameter(str(err)) from err
     train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes), latents,
                   TeacherRecipe(text_dropout=text_dropout, shape_contrast=shape_contrast,
-                                contrast_margin=contrast_margin), init_from, dit_config, compile_blocks)
+                                contrast_margin=contrast_margin, object_weight=object_weight), init_from,
+                  dit_config, compile_blocks)
 
 
 @app.command("export-teacher")

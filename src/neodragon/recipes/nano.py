@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import PartialState
 from diffusers.models.attention_processor import Attention
 from safetensors.torch import save_file
@@ -53,11 +54,26 @@ SHARD = 256  # latents per cache file
 @torch.no_grad()
 def encode_training_videos(vae: AsymmetricCausalVideoVAE, stats: dict[str, float], indices, size: int = 128,
                            seed: int = 0, styles: Sequence[str] = ("none",),
-                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[str]]:
+                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Training videos ``indices`` (17 frames, ``size`` x ``size``) as normalised latent means on the CPU, with
-    their captions: what a latent cache holds."""
-    videos, captions = video_batch("train", indices, 17, size, seed=seed, styles=styles)
-    return normalize_latents(vae.encode(videos.to(device)).latent_dist.mean.cpu(), stats), captions
+    their captions and the objects' coverage at latent resolution (``latent_object_cover``): what a latent cache
+    holds."""
+    videos, coverage, captions = clip_batch("train", indices, 17, size, seed=seed, styles=styles)
+    latents = normalize_latents(vae.encode(videos.to(device)).latent_dist.mean.cpu(), stats)
+    return latents, captions, latent_object_cover(coverage, latents.shape[2:])
+
+
+def latent_object_cover(coverage: torch.Tensor, latent_size: Sequence[int]) -> torch.Tensor:
+    """Pixel coverage ``[B, 1, T, H, W]`` -> ``[B, 1, t, h, w]`` at the latent size ``(t, h, w)``: each latent
+    pixel takes the largest coverage of the frames and pixels it encodes (the causal VAE's first latent frame is the
+    first frame alone, each later one an equal group of frames)."""
+    frames = latent_size[0]
+    cover = coverage[:, :, :1]
+    if frames > 1:
+        rest = coverage[:, :, 1:]
+        groups = rest.unflatten(2, (frames - 1, rest.shape[2] // (frames - 1))).amax(3)
+        cover = torch.cat([cover, groups], dim=2)
+    return F.adaptive_max_pool3d(cover.float(), tuple(latent_size)).to(torch.float16)
 
 
 def video_batch(split: str, indices, num_frames: int, size: int, crop: int | None = None,
@@ -191,13 +207,15 @@ def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: 
 # -- latent cache ---------------------------------------------------------------------------------------------
 
 
-def _read_shard(path: Path) -> tuple[torch.Tensor, list[str]]:
-    """A latent shard's tensor and captions; a file that is not a readable shard gets a message naming it."""
+def _read_shard(path: Path) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    """A latent shard's latents, captions and object cover (None in shards written before it was stored); a file
+    that is not a readable shard gets a message naming it."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor("latents"), json.loads(handle.metadata()["captions"])
+            cover = handle.get_tensor("cover") if "cover" in handle.keys() else None  # noqa: SIM118
+            return handle.get_tensor("latents"), json.loads(handle.metadata()["captions"]), cover
     except Exception as error:  # safetensors raises its own error types for truncated or foreign files
         raise ValueError(f"{path} is not a readable latent shard ({error}); delete it and re-run "
                          "`neodragon train encode-latents`, which re-creates missing shards.") from error
@@ -221,13 +239,14 @@ def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, ba
         if path.is_file():
             continue
         indices = range(shard * SHARD, min((shard + 1) * SHARD, num_videos))
-        latents, captions = [], []
+        latents, captions, covers = [], [], []
         for chunk in [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]:
-            encoded, texts = encode_training_videos(vae, stats, chunk, seed=seed, styles=styles, device=device)
+            encoded, texts, cover = encode_training_videos(vae, stats, chunk, seed=seed, styles=styles, device=device)
             latents.append(encoded)
             captions += texts
+            covers.append(cover)
         tmp = path.with_suffix(".tmp")
-        save_file({"latents": torch.cat(latents).contiguous()}, str(tmp),
+        save_file({"latents": torch.cat(latents).contiguous(), "cover": torch.cat(covers).contiguous()}, str(tmp),
                   metadata={"captions": json.dumps(captions)})
         os.replace(tmp, path)
     return out
@@ -242,19 +261,23 @@ class LatentCache:
 
     def __init__(self, folders: str | Path | Sequence[str | Path]):
         folders = [folders] if isinstance(folders, str | Path) else list(folders)
-        latents, captions = [], []
+        latents, captions, covers = [], [], []
         for folder in folders:
             shards = sorted(Path(folder).glob("shard_*.safetensors"))
             if not shards:
                 raise FileNotFoundError(f"No latent shards in {folder}: run `neodragon train encode-latents` first.")
             for shard in shards:
-                tensors, metadata = _read_shard(shard)
+                tensors, metadata, cover = _read_shard(shard)
                 latents.append(tensors)
                 captions += metadata
+                covers.append(cover)
         self.latents, self.captions = torch.cat(latents), captions
+        # the objects' coverage per latent pixel [N, 1, t, h, w], if every shard has it
+        self.cover = None if any(c is None for c in covers) else torch.cat(covers)
         if len(folders) > 1:
             order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(0))
             self.latents, self.captions = self.latents[order], [captions[i] for i in order.tolist()]
+            self.cover = None if self.cover is None else self.cover[order]
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -263,12 +286,20 @@ class LatentCache:
         """Hold the latents on ``device``: on a GPU, batches are then gathered there, with no per-step copy (at
         batch 1,024 on an H100, assembling and copying took a third of the step)."""
         self.latents = self.latents.to(device)
+        self.cover = None if self.cover is None else self.cover.to(device)
         return self
 
     def batch(self, indices) -> tuple[torch.Tensor, list[str]]:
         rows = [i % len(self) for i in indices]
         index = torch.tensor(rows, device=self.latents.device)
         return self.latents[index], [self.captions[i] for i in rows]
+
+    def object_cover(self, indices) -> torch.Tensor:
+        """The objects' coverage ``[B, 1, t, h, w]`` of the latents ``batch(indices)`` returns."""
+        if self.cover is None:
+            raise ValueError("These latent shards hold no object cover (written before it was stored): re-encode "
+                             "them with `neodragon train encode-latents` into a new folder.")
+        return self.cover[torch.tensor([i % len(self) for i in indices], device=self.cover.device)]
 
 
 class CaptionEncoder(Protocol):
@@ -300,20 +331,24 @@ class CaptionEncodings:
 
 def flow_matching_batches(cache: LatentCache, text: CaptionEncodings, config: TrainConfig, text_dropout: float,
                           stages: int, device: torch.device | str | None = None,
-                          shape_contrast: bool = False) -> Callable[[int, int, int], dict]:
+                          shape_contrast: bool = False, object_cover: bool = False) -> Callable[[int, int, int], dict]:
     """``batch_fn(step, rank, world)`` of a pyramidal flow-matching run (the teacher, adapters): latents, encoded
     captions after dropout, and the step's unit, stage and generator, all a pure function of (step, rank). With
-    ``shape_contrast``, also the shape-swapped captions' encodings and which samples have one. Batches go to
+    ``shape_contrast``, also the shape-swapped captions' encodings and which samples have one; with
+    ``object_cover``, the latents' object cover. Batches go to
     ``device``, by default they stay where the cache and encodings are (on a GPU, a round trip through the CPU took
     over a quarter of an H100's step at batch 1,024)."""
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
-        latents, captions = cache.batch(cycle_indices(step, rank, world, config.batch_size))
+        indices = cycle_indices(step, rank, world, config.batch_size)
+        latents, captions = cache.batch(indices)
         generator = step_generator(config.seed, step, rank)
         captions = drop_captions(captions, text_dropout, generator)
         unit, stage = sample_unit_and_stage(latents.shape[2], stages, config.seed, step)
         batch = {"latents": latents.to(device=device), "encoding": text.encode(captions).to(device=device),
                  "unit": unit, "stage": stage, "generator": generator}
+        if object_cover:
+            batch["cover"] = cache.object_cover(indices).to(device=device)
         if shape_contrast:
             swapped = [swap_caption_word(c) for c in captions]
             batch["has_swap"] = torch.tensor([s is not None for s in swapped])
@@ -328,7 +363,8 @@ def batch_flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchSchedule
     """``flow_matching_loss`` on a batch of ``flow_matching_batches``."""
     enc = batch["encoding"]
     return flow_matching_loss(dit, scheduler, batch["latents"], enc.tokens, enc.mask, enc.pooled, batch["unit"],
-                              batch["stage"], batch["generator"], recipe, batch.get("swapped"), batch.get("has_swap"))
+                              batch["stage"], batch["generator"], recipe, batch.get("swapped"), batch.get("has_swap"),
+                              batch.get("cover"))
 
 
 def teacher_dit_config(layers: int | None = None, heads: int | None = None) -> dict:
@@ -358,6 +394,8 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
     kernel launches, after a compile of a minute or two."""
     recipe = recipe or TeacherRecipe()
     cache, text = teacher_training_data(latents_dir, recipe, PartialState().device)
+    if recipe.object_weight > 0:
+        cache.object_cover([0])  # fails now, with what to do, if the shards predate stored covers
     dit = _initial_dit(dit_config or teacher_dit_config(), init_from)
     if compile_blocks:
         dit.compile_repeated_blocks(dynamic=True)
@@ -365,7 +403,8 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
 
     trainer = Trainer(config, {"dit": dit}, flow_matching_batches(cache, text, config, recipe.text_dropout,
                                                                   scheduler.config.stages,
-                                                                  shape_contrast=recipe.shape_contrast > 0),
+                                                                  shape_contrast=recipe.shape_contrast > 0,
+                                                                  object_cover=recipe.object_weight > 0),
                       lambda batch: batch_flow_matching_loss(trainer.modules["dit"], scheduler, batch, recipe))
     trainer.resume()
     trainer.fit()

@@ -30,6 +30,7 @@ class TeacherRecipe:
     history_corruption: float = 1 / 3
     shape_contrast: float = 0.0  # weight of the shape-word hinge (0: plain flow matching)
     contrast_margin: float = 0.1  # the swapped caption's error must exceed the true one's by this fraction
+    object_weight: float = 0.0  # extra loss weight on latent pixels the objects cover (0: plain flow matching)
 
 
 def _next_class(words: dict[str, tuple[str, ...]]) -> dict[str, str]:
@@ -84,10 +85,12 @@ def sample_unit_and_stage(num_latent_frames: int, num_stages: int, seed: int, st
 def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, latents: torch.Tensor,
                        context: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor, unit: int, stage: int,
                        generator: torch.Generator, recipe: TeacherRecipe, swapped: TextEncoding | None = None,
-                       has_swap: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       has_swap: torch.Tensor | None = None,
+                       cover: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss at (unit, stage) for a batch of normalised clean latents ``[B, C, T, H, W]`` (whole videos). With
     ``recipe.shape_contrast``, ``swapped`` holds the shape-swapped captions' encodings and ``has_swap`` [B] marks
-    the samples that have one."""
+    the samples that have one. With ``recipe.object_weight``, ``cover`` ``[B, 1, T, H, W]`` is the objects'
+    coverage of each latent pixel (``LatentCache.object_cover``)."""
     batch = latents.shape[0]
     history = []
     if unit > 0:
@@ -99,7 +102,7 @@ def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, 
     index = torch.randint(scheduler.config.num_train_timesteps, (batch,), generator=generator)
     noisy, target, timestep = scheduler.training_target(current, noise, stage, index)
     prediction = dit([history + [noisy]], context, mask, pooled, timestep)[0]
-    loss = F.mse_loss(prediction.float(), target.float())
+    loss = weighted_mse(prediction, target, recipe.object_weight, cover, unit)
     out = {"unit": torch.tensor(float(unit)), "stage": torch.tensor(float(stage))}
     if recipe.shape_contrast and swapped is not None:
         keep = has_swap.to(latents.device)
@@ -113,6 +116,19 @@ def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, 
         out["contrast"] = hinge.detach()
         loss = loss + recipe.shape_contrast * hinge
     return {"loss": loss, **out}
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, object_weight: float,
+                 cover: torch.Tensor | None, unit: int) -> torch.Tensor:
+    """Mean squared error, with ``1 + object_weight`` times the weight on the latent pixels the objects cover
+    (coverage of frame ``unit`` max-pooled to the stage's size), normalised by the mean weight. Objects fill a few
+    percent of a latent, so a plain mean spends almost all of the loss on the background."""
+    if not object_weight:
+        return F.mse_loss(prediction.float(), target.float())
+    if cover is None:
+        raise ValueError("object_weight needs the latents' object cover (LatentCache.object_cover).")
+    weight = 1 + object_weight * F.adaptive_max_pool3d(cover[:, :, unit : unit + 1].float(), target.shape[2:])
+    return (weight * (prediction.float() - target.float()).square()).mean() / weight.mean()
 
 
 def contrast_hinge(true_error: torch.Tensor, swapped_error: torch.Tensor, margin: float) -> torch.Tensor:
