@@ -56,7 +56,13 @@ from neodragon.models.mmdit import PyramidMMDiT
 from neodragon.pipelines.neodragon import NeodragonPipeline
 from neodragon.presets import nano_teacher_preset
 from neodragon.recipes.nano import CaptionEncodings, LatentCache, clip_batch
-from neodragon.recipes.teacher import TeacherRecipe, contrast_hinge, flow_matching_loss, swap_caption_word
+from neodragon.recipes.teacher import (
+    TeacherRecipe,
+    contrast_hinge,
+    flow_matching_loss,
+    swap_caption_word,
+    weighted_mse,
+)
 
 SECTIONS = ("errors", "forced", "capacity", "weighting", "swap", "contrast", "shift", "words")
 WORD_TEMPLATES = {  # one slot each; the other words fixed
@@ -220,12 +226,11 @@ def train_frame0_stage2(dit: PyramidMMDiT, pipe: NeodragonPipeline, cache: Laten
         noise = torch.randn(latents.shape, generator=generator)
         noisy, target, timestep = pipe.scheduler.training_target(latents, noise, 2, torch.randint(
             pipe.scheduler.config.num_train_timesteps, (16,), generator=generator))
-        error = (dit([[noisy]], enc.tokens, enc.mask, enc.pooled, timestep)[0] - target).square()
-        weight = torch.ones_like(error[:, :1]) if not object_weight else 1 + object_weight * coverage[picks]
-        loss = (error * weight).mean() / weight.mean()
+        prediction = dit([[noisy]], enc.tokens, enc.mask, enc.pooled, timestep)[0]
+        loss = weighted_mse(prediction, target, object_weight, None if coverage is None else coverage[picks], unit=0)
         if contrast:
-            loss = loss + contrast * shape_contrast(dit, pipe, captions, noisy, target, timestep, error,
-                                                    coverage[picks], margin)
+            loss = loss + contrast * shape_contrast(dit, pipe, captions, noisy, target, timestep,
+                                                    (prediction - target).square(), coverage[picks], margin)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
