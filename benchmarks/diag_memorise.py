@@ -17,7 +17,8 @@ their exact training captions; train any DiT on it with
 the model's samples at each guidance scale (later frames at min(guidance, 4)), with the relative latent error per
 frame against the training latent; and, per pyramid stage, the relative error of frame 0 when the sampler's Euler
 steps integrate that stage alone from the exact point where training starts it (no guidance): which stage fails
-to reproduce what it was trained on.
+to reproduce what it was trained on. ``swap`` copies a subset with each caption's shape word swapped, scored
+against the named shape or the video's own: whether a DiT that draws the shapes follows the shape word.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from neodragon.eval.judge import load_judge
 from neodragon.eval.metrics import semantic_scores
 from neodragon.eval.prompts import _entry, _items, _object_dimensions, load_prompt_set, save_prompt_set
 from neodragon.recipes.nano import LatentCache, clip_batch, encode_training_videos, latent_object_cover
+from neodragon.recipes.teacher import OTHER_SHAPE, swap_caption_word
 from neodragon.recipes.vae import load_trained_vae
 
 ATTRIBUTES = ("shape", "colour", "motion", "count")
@@ -68,6 +70,29 @@ def write_subset(latents_dir: Path, count: int, out: Path, vae_dir: Path | None 
               metadata={"captions": json.dumps(captions)})
     save_prompt_set(entries, out / "prompts.json", f"memorise-{count}")
     (out / "geometry.json").write_text(json.dumps({"height": size, "width": size}) + "\n")
+
+
+def write_swapped(set_dir: Path, out: Path, labels: str) -> None:
+    """The subset ``set_dir`` with each caption's shape word swapped for another class's (`swap_caption_word`):
+    same latents and seeds. ``labels`` says what the judge is scored against: the shape the caption now names
+    ("caption": does the DiT follow the word?) or the shape of the training video ("video": does it draw what it
+    memorised for that video?)."""
+    entries = load_prompt_set(set_dir / "prompts.json")
+    swapped = []
+    for entry in entries:
+        caption = swap_caption_word(entry.caption)
+        if caption is None:
+            raise SystemExit(f"{set_dir}: '{entry.caption}' is not a one-object caption; `swap` takes such sets only.")
+        scene = entry.scene
+        if labels == "caption":
+            shape = OTHER_SHAPE[scene["objects"][0]["shape"]]  # every synonym of a class goes to the same class
+            scene = {**scene, "objects": [{**scene["objects"][0], "shape": shape}]}
+        swapped.append(dataclasses.replace(entry, caption=caption, scene=scene))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": LatentCache(set_dir).latents.contiguous()}, str(out / SHARD),
+              metadata={"captions": json.dumps([e.caption for e in swapped])})
+    save_prompt_set(swapped, out / "prompts.json", f"{set_dir.name}-shape-swapped-{labels}-labels")
+    (out / "geometry.json").write_text((set_dir / "geometry.json").read_text())
 
 
 def encode_videos(vae_dir: Path, rows: list[int], size: int) -> torch.Tensor:
@@ -156,6 +181,11 @@ def main() -> None:
     subset.add_argument("--vae", type=Path, help="Re-render the videos at --size and encode them with this VAE "
                         "(a `train vae` final/, a checkpoint folder or 'nano').")
     subset.add_argument("--size", type=int, default=128, help="Frame size with --vae.")
+    swap = commands.add_parser("swap", help="A copy of a one-object subset with each caption's shape word swapped.")
+    swap.add_argument("--set", type=Path, required=True, help="The folder `subset` wrote.")
+    swap.add_argument("--labels", choices=("caption", "video"), required=True, help="Score the samples against "
+                      "the shape the swapped caption names, or against the training video's shape.")
+    swap.add_argument("--out", type=Path, required=True)
     scoring = commands.add_parser("score", help="Judge a model's samples of the subset.")
     scoring.add_argument("--set", type=Path, required=True, help="The folder `subset` wrote.")
     scoring.add_argument("--model", type=Path, nargs="+", required=True, help="Exported checkpoint folders.")
@@ -168,6 +198,8 @@ def main() -> None:
         if args.size != 128 and args.vae is None:
             parser.error("--size needs --vae (the cached latents are 128 x 128)")
         write_subset(args.latents, args.count, args.out, args.vae, args.size, args.skip, args.objects)
+    elif args.command == "swap":
+        write_swapped(args.set, args.out, args.labels)
     else:
         score(args)
 

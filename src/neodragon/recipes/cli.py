@@ -115,8 +115,8 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
             heads: int = typer.Option(None, "--heads", help="DiT attention heads of width 32 [default: the "
                                       "preset's, 4]; a resumed run needs the same --layers / --heads."),
             compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks "
-                                                "(dynamic shapes): same results, fewer kernel launches per step "
-                                                "after a compile of a minute or two; for GPUs.")) -> None:
+                                                "(dynamic shapes): the same losses, a faster step (1.27x on a "
+                                                "2-core CPU) after a compile of about 2 minutes.")) -> None:
     """Train the nano teacher DiT with pyramidal flow matching on cached latents."""
     from .nano import teacher_dit_config, train_teacher
     from .teacher import TeacherRecipe

@@ -226,7 +226,8 @@ def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, ba
                    seed: int = 0, rank: int = 0, world: int = 1, styles: Sequence[str] = ("none",),
                    device: torch.device | str = "cpu") -> Path:
     """Encode ``num_videos`` training videos (17 x 128 x 128, drawn in ``styles``) once into normalised latent
-    shards; the captions name the style, as ShapesWorld's do.
+    shards, with their captions (which name the style, as ShapesWorld's do) and the objects' cover of each latent
+    pixel (``latent_object_cover``).
 
     Shards already on disk are skipped, so an interrupted run resumes; ranks split the shards between them.
     """
@@ -290,16 +291,15 @@ class LatentCache:
         return self
 
     def batch(self, indices) -> tuple[torch.Tensor, list[str]]:
-        rows = [i % len(self) for i in indices]
-        index = torch.tensor(rows, device=self.latents.device)
-        return self.latents[index], [self.captions[i] for i in rows]
+        rows = [i % len(self) for i in indices]  # indices wrap around
+        return self.latents[torch.tensor(rows, device=self.latents.device)], [self.captions[i] for i in rows]
 
     def object_cover(self, indices) -> torch.Tensor:
         """The objects' coverage ``[B, 1, t, h, w]`` of the latents ``batch(indices)`` returns."""
         if self.cover is None:
             raise ValueError("These latent shards hold no object cover (written before it was stored): re-encode "
                              "them with `neodragon train encode-latents` into a new folder.")
-        return self.cover[torch.tensor([i % len(self) for i in indices], device=self.cover.device)]
+        return self.cover[torch.tensor([i % len(self) for i in indices], device=self.cover.device)]  # as batch()
 
 
 class CaptionEncoder(Protocol):
@@ -335,9 +335,8 @@ def flow_matching_batches(cache: LatentCache, text: CaptionEncodings, config: Tr
     """``batch_fn(step, rank, world)`` of a pyramidal flow-matching run (the teacher, adapters): latents, encoded
     captions after dropout, and the step's unit, stage and generator, all a pure function of (step, rank). With
     ``shape_contrast``, also the shape-swapped captions' encodings and which samples have one; with
-    ``object_cover``, the latents' object cover. Batches go to
-    ``device``, by default they stay where the cache and encodings are (on a GPU, a round trip through the CPU took
-    over a quarter of an H100's step at batch 1,024)."""
+    ``object_cover``, the latents' object cover. Batches go to ``device``, by default they stay where the cache and
+    encodings are (on a GPU, a round trip through the CPU took over a quarter of an H100's step at batch 1,024)."""
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         indices = cycle_indices(step, rank, world, config.batch_size)
