@@ -62,9 +62,10 @@ def write_subset(latents_dir: Path, count: int, out: Path, vae_dir: Path | None 
             break
     latents, captions = cache.batch(rows)
     if vae_dir is not None:
-        latents = encode_videos(vae_dir, rows, size)
-    _, coverage, _ = clip_batch("train", rows, 17, size)  # the cache may predate stored covers: render them
-    cover = latent_object_cover(coverage, latents.shape[2:])
+        latents, cover = encode_videos(vae_dir, rows, size)
+    else:  # the cache may predate stored covers: render them
+        _, coverage, _ = clip_batch("train", rows, 17, size)
+        cover = latent_object_cover(coverage, latents.shape[2:])
     out.mkdir(parents=True, exist_ok=True)
     save_file({"latents": latents.contiguous(), "cover": cover.contiguous()}, str(out / SHARD),
               metadata={"captions": json.dumps(captions)})
@@ -95,11 +96,13 @@ def write_swapped(set_dir: Path, out: Path, labels: str) -> None:
     (out / "geometry.json").write_text((set_dir / "geometry.json").read_text())
 
 
-def encode_videos(vae_dir: Path, rows: list[int], size: int) -> torch.Tensor:
-    """Items ``rows`` of the `train` split rendered at ``size`` and encoded as `encode-latents` does."""
+def encode_videos(vae_dir: Path, rows: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items ``rows`` of the `train` split rendered at ``size`` and encoded as `encode-latents` does: latents and
+    object covers."""
     vae, stats = load_trained_vae(vae_dir)
     vae = vae.float().eval()
-    return torch.cat([encode_training_videos(vae, stats, rows[i : i + 4], size)[0] for i in range(0, len(rows), 4)])
+    parts = [encode_training_videos(vae, stats, rows[i : i + 4], size) for i in range(0, len(rows), 4)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
 
 
 def judged(judge, frames: torch.Tensor, entries) -> dict[str, float]:

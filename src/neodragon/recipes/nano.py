@@ -290,8 +290,11 @@ class LatentCache:
         self.cover = None if self.cover is None else self.cover.to(device)
         return self
 
+    def _rows(self, indices) -> list[int]:
+        return [i % len(self) for i in indices]  # indices wrap around
+
     def batch(self, indices) -> tuple[torch.Tensor, list[str]]:
-        rows = [i % len(self) for i in indices]  # indices wrap around
+        rows = self._rows(indices)
         return self.latents[torch.tensor(rows, device=self.latents.device)], [self.captions[i] for i in rows]
 
     def object_cover(self, indices) -> torch.Tensor:
@@ -299,7 +302,7 @@ class LatentCache:
         if self.cover is None:
             raise ValueError("These latent shards hold no object cover (written before it was stored): re-encode "
                              "them with `neodragon train encode-latents` into a new folder.")
-        return self.cover[torch.tensor([i % len(self) for i in indices], device=self.cover.device)]  # as batch()
+        return self.cover[torch.tensor(self._rows(indices), device=self.cover.device)]
 
 
 class CaptionEncoder(Protocol):
