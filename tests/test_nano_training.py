@@ -34,7 +34,13 @@ from neodragon.recipes.nano import (
     variance_preserving_init,
     video_batch,
 )
-from neodragon.recipes.teacher import TeacherRecipe, flow_matching_loss, swap_caption_word, weighted_mse
+from neodragon.recipes.teacher import (
+    TeacherRecipe,
+    flow_matching_loss,
+    pair_error,
+    swap_caption_word,
+    weighted_mse,
+)
 from neodragon.recipes.training import TrainConfig, read_log
 from neodragon.recipes.vae import VAELossWeights, load_trained_vae, vae_losses
 from neodragon.schedulers import PyramidFlowMatchScheduler
@@ -427,3 +433,96 @@ def test_teacher_trains_with_object_weight_and_names_coverless_latents(latents, 
     with pytest.raises(ValueError, match="re-encode"):
         train_teacher(config(tmp_path / "old-run", 1, batch_size=2), old, TeacherRecipe(object_weight=4.0))
     assert not (tmp_path / "old-run").exists()  # refused before anything is written
+
+
+@pytest.fixture(scope="module")
+def twin_latents(vae_run, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from neodragon.recipes.cli import app
+
+    out = tmp_path_factory.mktemp("twins")
+    result = CliRunner().invoke(app, ["encode-latents", "--vae", str(vae_run[0] / "final"), "-o", str(out),
+                                      "--num-videos", "6", "--batch-size", "4", "--twins"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_latent_cache_links_each_video_to_its_shape_twin(twin_latents, latents):
+    from neodragon.data.captions import COLOUR_SHAPE
+
+    cache = LatentCache(twin_latents)
+    originals = LatentCache(latents)
+    assert torch.equal(cache.latents[:6], originals.latents) and cache.captions[:6] == originals.captions
+    linked = (cache.twin >= 0).nonzero().flatten().tolist()
+    assert linked and len(cache) == 6 + len(linked) // 2
+    for row in linked:
+        twin = int(cache.twin[row])
+        assert int(cache.twin[twin]) == row and twin != row
+        # the two captions differ only in the shape word, the two latents only where the object is
+        assert COLOUR_SHAPE.sub("X", cache.captions[row]).replace("X", "") == COLOUR_SHAPE.sub(
+            "X", cache.captions[twin]).replace("X", "") and cache.captions[row] != cache.captions[twin]
+        assert not torch.equal(cache.latents[row], cache.latents[twin])
+    # mixing folders permutes the rows; the links follow them
+    mixed = LatentCache([latents, twin_latents])
+    for row in (mixed.twin >= 0).nonzero().flatten().tolist():
+        twin = int(mixed.twin[row])
+        assert int(mixed.twin[twin]) == row and swap_caption_word(mixed.captions[row]) is not None
+    assert (mixed.twin >= 0).sum() == len(linked)
+
+
+def test_twins_share_their_originals_draws():
+    torch.manual_seed(0)
+    dit = PyramidMMDiT(**nano_teacher_preset().dit)
+    latents = torch.randn(3, 8, 3, 16, 16)
+    tokens, mask, pooled = torch.randn(3, 5, 384), torch.ones(3, 5, dtype=torch.long), torch.randn(3, 384)
+
+    def loss(latents, tokens, mask, pooled, recipe, twin_source=None):
+        return flow_matching_loss(dit, PyramidFlowMatchScheduler(), latents, tokens, mask, pooled, 2, 1,
+                                  torch.Generator().manual_seed(3), recipe, twin_source=twin_source)
+
+    plain = loss(latents, tokens, mask, pooled, TeacherRecipe())
+    # "twins" identical to their originals get the same noise, timestep and history: the same loss, no pair error
+    source = torch.tensor([2, 0, 1])
+    doubled = loss(torch.cat([latents, latents[source]]), *(torch.cat([x, x[source]]) for x in (tokens, mask, pooled)),
+                   TeacherRecipe(pair_weight=1.0), source)
+    torch.testing.assert_close(doubled["loss"], plain["loss"])
+    assert doubled["pair"] == 0
+    # a real twin (the object moved in one frame) makes a pair error that counts with pair_weight
+    twin = latents[:1].clone()
+    twin[:, :, :, 4:8, 4:8] += 1.0
+    one = [torch.cat([x, x[:1]]) for x in (tokens, mask, pooled)]
+    weighted = [loss(torch.cat([latents, twin]), *one, TeacherRecipe(pair_weight=w), torch.tensor([0]))
+                for w in (0.0, 1.0, 2.0)]
+    assert weighted[1]["pair"] > 0 and weighted[1]["pairs"] == 1 and "pair" not in weighted[0]
+    assert weighted[1]["loss"] > weighted[0]["loss"]
+    torch.testing.assert_close(weighted[2]["loss"] - weighted[1]["loss"], weighted[1]["loss"] - weighted[0]["loss"])
+
+
+def test_pair_error_is_one_for_a_word_blind_model_and_zero_for_a_perfect_one():
+    target = torch.randn(4, 2, 1, 3, 3)  # samples 2, 3 are the twins of samples 1, 0
+    source = torch.tensor([1, 0])
+    blind = target.clone()
+    blind[2:] = blind[source]  # the twins drawn exactly as their originals
+    difference = target[:2][source] - target[2:]
+    mse, relative = pair_error(blind, target, source)
+    assert relative == pytest.approx(1.0) and mse == pytest.approx(float(difference.square().mean()))
+    assert pair_error(target, target, source) == (0, 0)
+    assert pair_error(target + 0.5, target, source)[1] == pytest.approx(0.0, abs=1e-6)  # a shared offset cancels
+    assert pair_error(target, target, torch.tensor([], dtype=torch.int64)) == (0, 0)  # a batch without twins
+
+
+def test_teacher_trains_with_pair_weight_and_needs_twins(twin_latents, latents, tmp_path):
+    from typer.testing import CliRunner
+
+    from neodragon.recipes.cli import app
+
+    result = CliRunner().invoke(app, ["teacher", "--latents", str(latents), "--latents", str(twin_latents), "-o",
+                                      str(tmp_path / "run"), "--steps", "1", "--batch-size", "6", "--pair-weight", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "final" / "recipe.json").read_text())["pair_weight"] == 1.0
+    record = read_log(tmp_path / "run")[-1]
+    assert record["pair"] > 0 and record["pairs"] > 0 and record["loss"] > 0
+    with pytest.raises(ValueError, match="--twins"):
+        train_teacher(config(tmp_path / "none", 1, batch_size=2), latents, TeacherRecipe(pair_weight=1.0))
+    assert not (tmp_path / "none").exists()

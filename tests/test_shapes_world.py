@@ -31,6 +31,7 @@ from neodragon.data import (
     render,
     sample,
     sample_spec,
+    shape_twin,
     shapes_world,
     tokenize,
 )
@@ -224,6 +225,27 @@ def test_heldout_combinations_never_appear_in_training():
     assert heldout_seen == banned
     assert all(sample("heldout", i, **SMALL).labels.heldout for i in range(5))
     assert not any(sample("train", i, **SMALL).labels.heldout for i in range(5))
+
+
+def test_shape_twin_changes_the_shape_and_its_word_only():
+    made = 0
+    for i in range(24):
+        item, twin = sample("train", i, **SMALL), shape_twin("train", i, **SMALL)
+        if len(item.labels.objects) == 2:
+            assert twin is None
+            continue
+        made += 1
+        (a,), (b,) = item.labels.objects, twin.labels.objects
+        assert a.shape != b.shape and (a.colour, a.size, a.motion, a.position) == (b.colour, b.size, b.motion,
+                                                                                   b.position)
+        assert not twin.labels.heldout and twin.labels.background == item.labels.background
+        assert twin.caption in {captions.replace_shape_word(item.caption, word)
+                                for word in captions.SHAPE_WORDS[SHAPES[b.shape]]}  # only the shape word changed
+        assert not torch.equal(item.video, twin.video) and torch.equal(item.video[:, :, :2, :2],
+                                                                       twin.video[:, :, :2, :2])  # same background
+        again = shape_twin("train", i, **SMALL)
+        assert again.caption == twin.caption and torch.equal(again.video, twin.video)
+    assert made >= 10
 
 
 # ---- captions ----------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .shapes_world import (
     render,
     sample,
     sample_spec,
+    shape_twin,
     to_images,
 )
 
@@ -33,5 +34,5 @@ __all__ = [
     "BACKGROUNDS", "COLOURS", "HELDOUT_COLOUR_SHAPE", "HELDOUT_SHAPE_MOTION", "MAX_CAPTION_TOKENS", "MOTIONS",
     "RELATIONS", "SHAPES", "SIZES", "SPLITS", "STYLES", "Labels", "ObjectLabels", "ObjectSpec", "Sample", "SceneSpec",
     "ShapesWorld", "ShapesWorldDataset", "animation", "caption_vocabulary", "collate", "make_caption", "preview",
-    "preview_sheet", "render", "sample", "sample_spec", "to_images", "tokenize",
+    "preview_sheet", "render", "sample", "sample_spec", "shape_twin", "to_images", "tokenize",
 ]

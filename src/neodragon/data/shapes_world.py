@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .captions import make_caption
+from .captions import SHAPE_WORDS, make_caption, replace_shape_word
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross", "ring", "heart")
 COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "white")
@@ -227,14 +227,41 @@ def sample(split: str, index: int, base_seed: int = 0, *, num_frames: int = 17, 
     ``styles`` by its own random stream, so an index shows the same scene whatever the styles. "train" captions
     sometimes leave out sizes or the background; "eval" and "heldout" captions mention everything. ``jitter``:
     see ``render``."""
+    spec, seed = _scene(split, index, base_seed, styles)
+    return render(spec, seed, num_frames=num_frames, height=height, width=width, complete_caption=split != "train",
+                  jitter=jitter)
+
+
+def shape_twin(split: str, index: int, base_seed: int = 0, *, num_frames: int = 17, height: int = 128,
+               width: int = 128, styles: Sequence[str] = ("none",)) -> Sample | None:
+    """Item ``index`` of ``split`` with its object's shape changed and nothing else: the same colour, size, motion,
+    position, background and style, and the same caption but for the shape word. The new shape is drawn from
+    those the scene allows (no held-out combination outside "heldout", no spinning round shape). None for
+    two-object scenes. A video and its twin differ only where the shape word says they do, so training on both
+    shows a DiT exactly what the word must change."""
+    spec, seed = _scene(split, index, base_seed, styles)
+    if len(spec.objects) != 1:
+        return None
+    obj = spec.objects[0]
+    options = [s for s in SHAPES if s != obj.shape and obj.motion in _motions(s)
+               and (split == "heldout" or not _heldout(dataclasses.replace(obj, shape=s)))]
+    rng = np.random.default_rng([base_seed, SPLITS.index(split), index, 2])
+    twin = dataclasses.replace(spec, objects=(dataclasses.replace(obj, shape=_pick(rng, options)),))
+    item = render(twin, seed, num_frames=num_frames, height=height, width=width,
+                  complete_caption=split != "train")
+    original = make_caption(spec, seed, complete=split != "train")
+    return item._replace(caption=replace_shape_word(original, _pick(rng, SHAPE_WORDS[twin.objects[0].shape])))
+
+
+def _scene(split: str, index: int, base_seed: int, styles: Sequence[str]) -> tuple[SceneSpec, int]:
+    """The scene (with its style) and render seed of item ``index`` of ``split``."""
     _check(split, SPLITS)
     _check_styles(styles)
     rng = np.random.default_rng([base_seed, SPLITS.index(split), index])
     spec = sample_spec(rng, split)
     seed = int(rng.integers(2**63))
     style = _pick(np.random.default_rng([base_seed, SPLITS.index(split), index, 1]), styles)
-    return render(dataclasses.replace(spec, style=style), seed, num_frames=num_frames, height=height, width=width,
-                  complete_caption=split != "train", jitter=jitter)
+    return dataclasses.replace(spec, style=style), seed
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -82,7 +82,10 @@ def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VA
                    output: Path = OUTPUT,
                    num_videos: int = typer.Option(4096, "--num-videos"),
                    batch_size: int = typer.Option(8, "--batch-size"), seed: int = SEED,
-                   style: list[str] = STYLES) -> None:
+                   style: list[str] = STYLES,
+                   twins: bool = typer.Option(False, "--twins", help="Also store each one-object video's shape "
+                                              "twin (the same video with another shape and shape word), for "
+                                              "`train teacher --pair-weight`.")) -> None:
     """Encode training videos once into normalised latent shards (resumable, split across processes; the VAE runs
     on each process's accelerator, rendering on its CPU)."""
     from accelerate import PartialState
@@ -91,7 +94,7 @@ def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VA
 
     state = PartialState()
     encode(vae_dir, output, num_videos, batch_size, seed, state.process_index, state.num_processes, style,
-           state.device)
+           state.device, twins)
 
 
 @app.command()
@@ -111,6 +114,9 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
             object_weight: float = typer.Option(0.0, "--object-weight", help="Extra loss weight on the latent "
                                                 "pixels the objects cover (needs latents encoded with their object "
                                                 "cover; 0: plain flow matching)."),
+            pair_weight: float = typer.Option(0.0, "--pair-weight", help="Weight of the error of each video's "
+                                              "difference from its shape twin, drawn with the same noise "
+                                              "(needs a --latents folder encoded with --twins; 0: off)."),
             layers: int = typer.Option(None, "--layers", help="DiT depth [default: the nano teacher preset's, 6]."),
             heads: int = typer.Option(None, "--heads", help="DiT attention heads of width 32 [default: the "
                                       "preset's, 4]; a resumed run needs the same --layers / --heads."),
@@ -127,7 +133,8 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
         raise typer.BadParameter(str(err)) from err
     train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes), latents,
                   TeacherRecipe(text_dropout=text_dropout, shape_contrast=shape_contrast,
-                                contrast_margin=contrast_margin, object_weight=object_weight), init_from,
+                                contrast_margin=contrast_margin, object_weight=object_weight,
+                                pair_weight=pair_weight), init_from,
                   dit_config, compile_blocks)
 
 

@@ -20,7 +20,7 @@ from diffusers.models.attention_processor import Attention
 from safetensors.torch import save_file
 from torch import nn
 
-from ..data import sample
+from ..data import Sample, sample, shape_twin
 from ..models.mmdit import JointTransformerBlock, PyramidMMDiT
 from ..models.sentence import SentenceTextEncoder
 from ..models.text import TextEncoding
@@ -58,9 +58,18 @@ def encode_training_videos(vae: AsymmetricCausalVideoVAE, stats: dict[str, float
     """Training videos ``indices`` (17 frames, ``size`` x ``size``) as normalised latent means on the CPU, with
     their captions and the objects' coverage at latent resolution (``latent_object_cover``): what a latent cache
     holds."""
-    videos, coverage, captions = clip_batch("train", indices, 17, size, seed=seed, styles=styles)
-    latents = normalize_latents(vae.encode(videos.to(device)).latent_dist.mean.cpu(), stats)
-    return latents, captions, latent_object_cover(coverage, latents.shape[2:])
+    items = [sample("train", i, seed, height=size, width=size, styles=styles) for i in indices]
+    return encode_items(vae, stats, items, device)
+
+
+@torch.no_grad()
+def encode_items(vae: AsymmetricCausalVideoVAE, stats: dict[str, float], items: Sequence[Sample],
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Rendered items as a latent cache holds them: normalised latent means, captions, objects' latent cover."""
+    videos = torch.stack([item.video for item in items]).to(device)
+    latents = normalize_latents(vae.encode(videos).latent_dist.mean.cpu(), stats)
+    coverage = torch.stack([item.coverage for item in items])[:, None]
+    return latents, [item.caption for item in items], latent_object_cover(coverage, latents.shape[2:])
 
 
 def latent_object_cover(coverage: torch.Tensor, latent_size: Sequence[int]) -> torch.Tensor:
@@ -207,15 +216,16 @@ def train_vae(config: TrainConfig, num_frames: int = 17, size: int = 128, crop: 
 # -- latent cache ---------------------------------------------------------------------------------------------
 
 
-def _read_shard(path: Path) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
-    """A latent shard's latents, captions and object cover (None in shards written before it was stored); a file
-    that is not a readable shard gets a message naming it."""
+def _read_shard(path: Path) -> tuple[torch.Tensor, list[str], torch.Tensor | None, torch.Tensor | None]:
+    """A latent shard's latents, captions, object cover (None in shards written before it was stored) and shape
+    twin rows (None without twins); a file that is not a readable shard gets a message naming it."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            cover = handle.get_tensor("cover") if "cover" in handle.keys() else None  # noqa: SIM118
-            return handle.get_tensor("latents"), json.loads(handle.metadata()["captions"]), cover
+            keys = set(handle.keys())
+            cover, twin = (handle.get_tensor(k) if k in keys else None for k in ("cover", "twin"))
+            return handle.get_tensor("latents"), json.loads(handle.metadata()["captions"]), cover, twin
     except Exception as error:  # safetensors raises its own error types for truncated or foreign files
         raise ValueError(f"{path} is not a readable latent shard ({error}); delete it and re-run "
                          "`neodragon train encode-latents`, which re-creates missing shards.") from error
@@ -224,10 +234,11 @@ def _read_shard(path: Path) -> tuple[torch.Tensor, list[str], torch.Tensor | Non
 @torch.no_grad()
 def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, batch_size: int = 8,
                    seed: int = 0, rank: int = 0, world: int = 1, styles: Sequence[str] = ("none",),
-                   device: torch.device | str = "cpu") -> Path:
+                   device: torch.device | str = "cpu", twins: bool = False) -> Path:
     """Encode ``num_videos`` training videos (17 x 128 x 128, drawn in ``styles``) once into normalised latent
     shards, with their captions (which name the style, as ShapesWorld's do) and the objects' cover of each latent
-    pixel (``latent_object_cover``).
+    pixel (``latent_object_cover``). With ``twins``, each one-object video's ``shape_twin`` is stored too, as an
+    extra row after the shard's videos, and a "twin" row index links the two (-1: none).
 
     Shards already on disk are skipped, so an interrupted run resumes; ranks split the shards between them.
     """
@@ -240,17 +251,45 @@ def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, ba
         if path.is_file():
             continue
         indices = range(shard * SHARD, min((shard + 1) * SHARD, num_videos))
-        latents, captions, covers = [], [], []
-        for chunk in [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]:
-            encoded, texts, cover = encode_training_videos(vae, stats, chunk, seed=seed, styles=styles, device=device)
-            latents.append(encoded)
-            captions += texts
-            covers.append(cover)
+        latents, captions, cover, _ = _encode_rendered(vae, stats, indices, batch_size, device,
+                                                       lambda i: sample("train", i, seed, styles=styles))
+        tensors = {"latents": latents, "cover": cover}
+        twin_latents, twin_captions, twin_cover, made = _encode_rendered(
+            vae, stats, indices if twins else [], batch_size, device,
+            lambda i: shape_twin("train", i, seed, styles=styles))
+        if made:  # a shard of two-object scenes only has no twins
+            twin = torch.full((len(indices) + len(made),), -1, dtype=torch.int64)
+            twin[made] = torch.arange(len(indices), len(twin))
+            twin[len(indices):] = torch.tensor(made, dtype=torch.int64)
+            tensors = {"latents": torch.cat([latents, twin_latents]), "cover": torch.cat([cover, twin_cover]),
+                       "twin": twin}
+            captions = captions + twin_captions
         tmp = path.with_suffix(".tmp")
-        save_file({"latents": torch.cat(latents).contiguous(), "cover": torch.cat(covers).contiguous()}, str(tmp),
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"captions": json.dumps(captions)})
         os.replace(tmp, path)
     return out
+
+
+def _encode_rendered(vae: AsymmetricCausalVideoVAE, stats: dict[str, float], indices: Sequence[int],
+                     batch_size: int, device: torch.device | str, render: Callable[[int], Sample | None],
+                     ) -> tuple[torch.Tensor, list[str], torch.Tensor, list[int]]:
+    """``encode_items`` over the items ``render(i)`` makes for ``indices`` (it may skip one by returning None),
+    rendered ``batch_size`` at a time (a shard's videos would take the best part of a GB), and the positions in
+    ``indices`` of the items made."""
+    latents, captions, covers, made = [], [], [], []
+    for start in range(0, len(indices), batch_size):
+        items = [(k, render(indices[k])) for k in range(start, min(start + batch_size, len(indices)))]
+        items = [(k, item) for k, item in items if item is not None]
+        if items:
+            encoded, texts, cover = encode_items(vae, stats, [item for _, item in items], device)
+            latents.append(encoded)
+            captions += texts
+            covers.append(cover)
+            made += [k for k, _ in items]
+    if not made:
+        return torch.empty(0), [], torch.empty(0), []
+    return torch.cat(latents), captions, torch.cat(covers), made
 
 
 class LatentCache:
@@ -262,23 +301,32 @@ class LatentCache:
 
     def __init__(self, folders: str | Path | Sequence[str | Path]):
         folders = [folders] if isinstance(folders, str | Path) else list(folders)
-        latents, captions, covers = [], [], []
+        latents, captions, covers, twins = [], [], [], []
         for folder in folders:
             shards = sorted(Path(folder).glob("shard_*.safetensors"))
             if not shards:
                 raise FileNotFoundError(f"No latent shards in {folder}: run `neodragon train encode-latents` first.")
             for shard in shards:
-                tensors, metadata, cover = _read_shard(shard)
+                tensors, metadata, cover, twin = _read_shard(shard)
+                offset = len(captions)
                 latents.append(tensors)
                 captions += metadata
                 covers.append(cover)
+                twins.append(torch.full((len(metadata),), -1) if twin is None else torch.where(twin < 0, -1,
+                                                                                               twin + offset))
         self.latents, self.captions = torch.cat(latents), captions
         # the objects' coverage per latent pixel [N, 1, t, h, w], if every shard has it
         self.cover = None if any(c is None for c in covers) else torch.cat(covers)
+        # each row's shape twin (`encode-latents --twins`), -1 for none
+        self.twin = torch.cat(twins)
         if len(folders) > 1:
             order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(0))
             self.latents, self.captions = self.latents[order], [captions[i] for i in order.tolist()]
             self.cover = None if self.cover is None else self.cover[order]
+            position = torch.empty_like(order)
+            position[order] = torch.arange(len(order))
+            twin = self.twin[order]
+            self.twin = torch.where(twin < 0, -1, position[twin.clamp_min(0)])
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -290,11 +338,12 @@ class LatentCache:
         self.cover = None if self.cover is None else self.cover.to(device)
         return self
 
-    def _rows(self, indices) -> list[int]:
-        return [i % len(self) for i in indices]  # indices wrap around
+    def rows(self, indices) -> list[int]:
+        """The cache rows of sample indices, which wrap around."""
+        return [i % len(self) for i in indices]
 
     def batch(self, indices) -> tuple[torch.Tensor, list[str]]:
-        rows = self._rows(indices)
+        rows = self.rows(indices)
         return self.latents[torch.tensor(rows, device=self.latents.device)], [self.captions[i] for i in rows]
 
     def object_cover(self, indices) -> torch.Tensor:
@@ -302,7 +351,7 @@ class LatentCache:
         if self.cover is None:
             raise ValueError("These latent shards hold no object cover (written before it was stored): re-encode "
                              "them with `neodragon train encode-latents` into a new folder.")
-        return self.cover[torch.tensor(self._rows(indices), device=self.cover.device)]
+        return self.cover[torch.tensor(self.rows(indices), device=self.cover.device)]
 
 
 class CaptionEncoder(Protocol):
@@ -333,22 +382,31 @@ class CaptionEncodings:
 
 
 def flow_matching_batches(cache: LatentCache, text: CaptionEncodings, config: TrainConfig, text_dropout: float,
-                          stages: int, device: torch.device | str | None = None,
-                          shape_contrast: bool = False, object_cover: bool = False) -> Callable[[int, int, int], dict]:
+                          stages: int, device: torch.device | str | None = None, shape_contrast: bool = False,
+                          object_cover: bool = False, twins: bool = False) -> Callable[[int, int, int], dict]:
     """``batch_fn(step, rank, world)`` of a pyramidal flow-matching run (the teacher, adapters): latents, encoded
     captions after dropout, and the step's unit, stage and generator, all a pure function of (step, rank). With
     ``shape_contrast``, also the shape-swapped captions' encodings and which samples have one; with
-    ``object_cover``, the latents' object cover. Batches go to ``device``, by default they stay where the cache and
-    encodings are (on a GPU, a round trip through the CPU took over a quarter of an H100's step at batch 1,024)."""
+    ``object_cover``, the latents' object cover; with ``twins``, every sample that has a shape twin in the cache
+    and kept its caption brings the twin along, appended after the batch (``twin_source``: the samples they belong
+    to). Batches go to ``device``, by default they stay where the cache and encodings are (on a GPU, a round trip
+    through the CPU took over a quarter of an H100's step at batch 1,024)."""
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
-        indices = cycle_indices(step, rank, world, config.batch_size)
-        latents, captions = cache.batch(indices)
+        indices = list(cycle_indices(step, rank, world, config.batch_size))
         generator = step_generator(config.seed, step, rank)
-        captions = drop_captions(captions, text_dropout, generator)
+        captions = drop_captions([cache.captions[r] for r in cache.rows(indices)], text_dropout, generator)
+        batch = {}
+        if twins:
+            partner = cache.twin[cache.rows(indices)].tolist()
+            source = [k for k, (p, c) in enumerate(zip(partner, captions, strict=True)) if p >= 0 and c]
+            indices += [partner[k] for k in source]
+            captions += [cache.captions[partner[k]] for k in source]
+            batch["twin_source"] = torch.tensor(source, dtype=torch.int64)
+        latents = cache.batch(indices)[0]
         unit, stage = sample_unit_and_stage(latents.shape[2], stages, config.seed, step)
-        batch = {"latents": latents.to(device=device), "encoding": text.encode(captions).to(device=device),
-                 "unit": unit, "stage": stage, "generator": generator}
+        batch |= {"latents": latents.to(device=device), "encoding": text.encode(captions).to(device=device),
+                  "unit": unit, "stage": stage, "generator": generator}
         if object_cover:
             batch["cover"] = cache.object_cover(indices).to(device=device)
         if shape_contrast:
@@ -366,7 +424,7 @@ def batch_flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchSchedule
     enc = batch["encoding"]
     return flow_matching_loss(dit, scheduler, batch["latents"], enc.tokens, enc.mask, enc.pooled, batch["unit"],
                               batch["stage"], batch["generator"], recipe, batch.get("swapped"), batch.get("has_swap"),
-                              batch.get("cover"))
+                              batch.get("cover"), batch.get("twin_source"))
 
 
 def teacher_dit_config(layers: int | None = None, heads: int | None = None) -> dict:
@@ -398,6 +456,9 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
     cache, text = teacher_training_data(latents_dir, recipe, PartialState().device)
     if recipe.object_weight > 0:
         cache.object_cover([0])  # fails now, with what to do, if the shards predate stored covers
+    if recipe.pair_weight > 0 and not (cache.twin >= 0).any():
+        raise ValueError("pair_weight needs shape twins in the latent cache: encode a folder with "
+                         "`neodragon train encode-latents --twins` and pass it with --latents.")
     dit = _initial_dit(dit_config or teacher_dit_config(), init_from)
     if compile_blocks:
         dit.compile_repeated_blocks(dynamic=True)
@@ -406,7 +467,8 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
     trainer = Trainer(config, {"dit": dit}, flow_matching_batches(cache, text, config, recipe.text_dropout,
                                                                   scheduler.config.stages,
                                                                   shape_contrast=recipe.shape_contrast > 0,
-                                                                  object_cover=recipe.object_weight > 0),
+                                                                  object_cover=recipe.object_weight > 0,
+                                                                  twins=recipe.pair_weight > 0),
                       lambda batch: batch_flow_matching_loss(trainer.modules["dit"], scheduler, batch, recipe))
     trainer.resume()
     trainer.fit()

@@ -10,13 +10,12 @@ the empty prompt so that the model can be sampled with classifier-free guidance.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..data.captions import COLOUR_WORDS, SHAPE_WORDS
+from ..data.captions import COLOUR_SHAPE, COLOUR_WORDS, SHAPE_WORDS, replace_shape_word
 from ..models.mmdit import PyramidMMDiT
 from ..models.text import TextEncoding
 from ..schedulers import PyramidFlowMatchScheduler
@@ -31,6 +30,7 @@ class TeacherRecipe:
     shape_contrast: float = 0.0  # weight of the shape-word hinge (0: plain flow matching)
     contrast_margin: float = 0.1  # the swapped caption's error must exceed the true one's by this fraction
     object_weight: float = 0.0  # extra loss weight on latent pixels the objects cover (0: plain flow matching)
+    pair_weight: float = 0.0  # weight of the shape-twin difference error (needs latents encoded with twins)
 
 
 def _next_class(words: dict[str, tuple[str, ...]]) -> dict[str, str]:
@@ -40,7 +40,6 @@ def _next_class(words: dict[str, tuple[str, ...]]) -> dict[str, str]:
 
 
 OTHER_SHAPE, OTHER_COLOUR = _next_class(SHAPE_WORDS), _next_class(COLOUR_WORDS)
-_COLOUR_SHAPE = re.compile(rf"\b({'|'.join(OTHER_COLOUR)}) ({'|'.join(sorted(OTHER_SHAPE, key=len, reverse=True))})\b")
 
 
 @functools.cache  # called for every sample of every step on a bounded set of captions
@@ -49,12 +48,13 @@ def swap_caption_word(caption: str, word: str = "shape") -> str | None:
     caption names exactly one "<colour> <shape>" (one-object captions)."""
     if word not in ("shape", "colour"):
         raise ValueError(f"word must be 'shape' or 'colour', got {word!r}")
-    found = _COLOUR_SHAPE.findall(caption)
+    found = COLOUR_SHAPE.findall(caption)
     if len(found) != 1:
         return None
     colour, shape = found[0]
-    swapped = f"{colour} {OTHER_SHAPE[shape]}" if word == "shape" else f"{OTHER_COLOUR[colour]} {shape}"
-    return caption.replace(f"{colour} {shape}", swapped)
+    if word == "shape":
+        return replace_shape_word(caption, OTHER_SHAPE[shape])
+    return caption.replace(f"{colour} {shape}", f"{OTHER_COLOUR[colour]} {shape}")
 
 
 def normalize_latents(latents: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
@@ -85,25 +85,37 @@ def sample_unit_and_stage(num_latent_frames: int, num_stages: int, seed: int, st
 def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, latents: torch.Tensor,
                        context: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor, unit: int, stage: int,
                        generator: torch.Generator, recipe: TeacherRecipe, swapped: TextEncoding | None = None,
-                       has_swap: torch.Tensor | None = None,
-                       cover: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       has_swap: torch.Tensor | None = None, cover: torch.Tensor | None = None,
+                       twin_source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss at (unit, stage) for a batch of normalised clean latents ``[B, C, T, H, W]`` (whole videos). With
     ``recipe.shape_contrast``, ``swapped`` holds the shape-swapped captions' encodings and ``has_swap`` [B] marks
     the samples that have one. With ``recipe.object_weight``, ``cover`` ``[B, 1, T, H, W]`` is the objects'
-    coverage of each latent pixel (``LatentCache.object_cover``)."""
-    batch = latents.shape[0]
-    history = []
-    if unit > 0:
-        clean = scheduler.build_history([latents[:, :, i : i + 1] for i in range(unit)])[stage]
-        history = scheduler.corrupt_history(clean, generator=generator, max_sigma=recipe.history_corruption)
-        history = [clip.to(latents.device, latents.dtype) for clip in history]
+    coverage of each latent pixel (``LatentCache.object_cover``). With ``twin_source`` [K], the last K samples are
+    the shape twins of the samples it names: each shares its original's noise, timestep and history corruption,
+    so that the two targets differ only in the object's shape, and ``recipe.pair_weight`` weighs ``pair_error``."""
+    originals = latents.shape[0] - (0 if twin_source is None else len(twin_source))
+    draws = generator.get_state()
+    history = _corrupted_history(scheduler, latents[:originals], unit, stage, generator, recipe)
+    if twin_source is not None:  # the twins' history: the same draws, on the originals with each twin in place
+        counterparts = latents[:originals].clone()
+        counterparts[twin_source.to(latents.device)] = latents[originals:]
+        twin_history = _corrupted_history(scheduler, counterparts, unit, stage,
+                                          torch.Generator().set_state(draws), recipe)
+        history = [torch.cat([h, t[twin_source.to(t.device)]]) for h, t in zip(history, twin_history, strict=True)]
     current = latents[:, :, unit : unit + 1]
-    noise = torch.randn(current.shape, generator=generator).to(current)
-    index = torch.randint(scheduler.config.num_train_timesteps, (batch,), generator=generator)
-    noisy, target, timestep = scheduler.training_target(current, noise, stage, index)
+    noise = torch.randn(current[:originals].shape, generator=generator)
+    index = torch.randint(scheduler.config.num_train_timesteps, (originals,), generator=generator)
+    if twin_source is not None:
+        source = twin_source.cpu()  # the draws are made on the CPU; Accelerate moves the batch to the device
+        noise, index = torch.cat([noise, noise[source]]), torch.cat([index, index[source]])
+    noisy, target, timestep = scheduler.training_target(current, noise.to(current), stage, index)
     prediction = dit([history + [noisy]], context, mask, pooled, timestep)[0]
     loss = weighted_mse(prediction, target, recipe.object_weight, cover, unit)
     out = {"unit": torch.tensor(float(unit)), "stage": torch.tensor(float(stage))}
+    if twin_source is not None and recipe.pair_weight:
+        pair_loss, out["pair"] = pair_error(prediction, target, twin_source)
+        out["pairs"], out["pair_mse"] = torch.tensor(float(len(twin_source))), pair_loss.detach()
+        loss = loss + recipe.pair_weight * pair_loss
     if recipe.shape_contrast and swapped is not None:
         keep = has_swap.to(latents.device)
         hinge = prediction.new_zeros(())
@@ -116,6 +128,32 @@ def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, 
         out["contrast"] = hinge.detach()
         loss = loss + recipe.shape_contrast * hinge
     return {"loss": loss, **out}
+
+
+def _corrupted_history(scheduler: PyramidFlowMatchScheduler, latents: torch.Tensor, unit: int, stage: int,
+                       generator: torch.Generator, recipe: TeacherRecipe) -> list[torch.Tensor]:
+    """The clean frames before ``unit`` as the stage's history pyramid, noise-corrupted (empty at unit 0)."""
+    if unit == 0:
+        return []
+    clean = scheduler.build_history([latents[:, :, i : i + 1] for i in range(unit)])[stage]
+    history = scheduler.corrupt_history(clean, generator=generator, max_sigma=recipe.history_corruption)
+    return [clip.to(latents.device, latents.dtype) for clip in history]
+
+
+def pair_error(prediction: torch.Tensor, target: torch.Tensor,
+               twin_source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How the difference between each original's prediction and its twin's (the last ``len(twin_source)``
+    samples) misses the targets' difference: its mean squared error (the loss term, in the units of the flow-matching
+    loss), and that error relative to the targets' difference (1 when the DiT draws a video and its twin alike, that
+    is ignores the shape word; 0 when it draws each as its target). The relative error is no loss: where the
+    targets barely differ (the lowest stage) it is large and noisy."""
+    rows = twin_source.to(prediction.device)
+    originals = prediction.shape[0] - len(rows)
+    predicted, wanted = ((x[:originals][rows].float() - x[originals:].float()) for x in (prediction, target))
+    error = (predicted - wanted).square()
+    if not len(rows):
+        return error.sum(), error.sum()  # zeros that keep the graph
+    return error.mean(), (error.sum() / wanted.square().sum().clamp_min(1e-12)).detach()
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, object_weight: float,
