@@ -497,6 +497,8 @@ def test_twins_share_their_originals_draws():
     assert weighted[1]["pair"] > 0 and weighted[1]["pairs"] == 1 and "pair" not in weighted[0]
     assert weighted[1]["loss"] > weighted[0]["loss"]
     torch.testing.assert_close(weighted[2]["loss"] - weighted[1]["loss"], weighted[1]["loss"] - weighted[0]["loss"])
+    below = loss(torch.cat([latents, twin]), *one, TeacherRecipe(pair_weight=1.0, pair_max_stage=0), torch.tensor([0]))
+    assert below["pair"] == weighted[1]["pair"] and torch.equal(below["loss"], weighted[0]["loss"])  # stage 1 > 0
 
 
 def test_pair_error_is_one_for_a_word_blind_model_and_zero_for_a_perfect_one():

@@ -4,6 +4,8 @@
 # with its log.
 #   usage: scripts/device/train_teacher.sh DEADLINE_S NUM_VIDEOS NUM_STYLED WORLD BATCH LR [TRAIN TEACHER ARGS]
 #   e.g.:  scripts/device/train_teacher.sh 570 24576 6144 14 1024 8e-4 --layers 10 --heads 5
+# NUM_TWINS=N (environment) also encodes N more videos (--seed 1) with their shape twins and trains on them too
+# (for --pair-weight).
 set -euo pipefail
 START=$(date +%s)
 DEADLINE=$1; NUM=$2; NUM_STYLED=$3; WORLD=$4; BATCH=$5; LR=$6; shift 6
@@ -11,12 +13,17 @@ RUNS=${RUNS:-/tmp/runs}
 source scripts/device/setup.sh
 encode_in_parallel $RUNS/latents $NUM $WORLD
 encode_in_parallel $RUNS/latents-styled $NUM_STYLED $WORLD "seed=2, styles=('neon', 'stripes', 'pixel', 'outline')"
+TWINS=()
+if [ "${NUM_TWINS:-0}" -gt 0 ]; then
+  encode_in_parallel $RUNS/latents-twins $NUM_TWINS $WORLD "seed=1, twins=True"
+  TWINS=(--latents $RUNS/latents-twins)
+fi
 echo "encoded in $(( $(date +%s) - START )) s"
 # The learning rate decays over the time left; 50 s stay for writing and shrinking the result.
 MINUTES=$(python3 -c "print(max(0.2, ($DEADLINE - $(date +%s) + $START - 50) / 60))")
 echo "training for $MINUTES minutes"
 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 python3 -m neodragon train teacher --latents $RUNS/latents \
-    --latents $RUNS/latents-styled -o $RUNS/teacher --steps 1000000 --batch-size $BATCH --lr $LR \
+    --latents $RUNS/latents-styled ${TWINS[@]+"${TWINS[@]}"} -o $RUNS/teacher --steps 1000000 --batch-size $BATCH --lr $LR \
     --save-every 1000000 --max-minutes $MINUTES "$@" > $OUT/train.log 2>&1 || { tail -c 3000 $OUT/train.log; exit 1; }
 python3 -c "from neodragon.models import PyramidMMDiT
 PyramidMMDiT.from_pretrained('$RUNS/teacher/final').half().save_pretrained('$OUT/dit-fp16', max_shard_size='10MB')"

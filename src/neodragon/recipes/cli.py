@@ -117,6 +117,8 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
             pair_weight: float = typer.Option(0.0, "--pair-weight", help="Weight of the error of each video's "
                                               "difference from its shape twin, drawn with the same noise "
                                               "(needs a --latents folder encoded with --twins; 0: off)."),
+            pair_max_stage: int = typer.Option(2, "--pair-max-stage", help="Apply the --pair-weight term at the "
+                                               "pyramid stages up to this one (stage 2 is full resolution)."),
             layers: int = typer.Option(None, "--layers", help="DiT depth [default: the nano teacher preset's, 6]."),
             heads: int = typer.Option(None, "--heads", help="DiT attention heads of width 32 [default: the "
                                       "preset's, 4]; a resumed run needs the same --layers / --heads."),
@@ -134,7 +136,7 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
     train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes), latents,
                   TeacherRecipe(text_dropout=text_dropout, shape_contrast=shape_contrast,
                                 contrast_margin=contrast_margin, object_weight=object_weight,
-                                pair_weight=pair_weight), init_from,
+                                pair_weight=pair_weight, pair_max_stage=pair_max_stage), init_from,
                   dit_config, compile_blocks)
 
 

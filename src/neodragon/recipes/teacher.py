@@ -31,6 +31,7 @@ class TeacherRecipe:
     contrast_margin: float = 0.1  # the swapped caption's error must exceed the true one's by this fraction
     object_weight: float = 0.0  # extra loss weight on latent pixels the objects cover (0: plain flow matching)
     pair_weight: float = 0.0  # weight of the shape-twin difference error (needs latents encoded with twins)
+    pair_max_stage: int = 2  # the twin term applies at the pyramid stages up to this one
 
 
 def _next_class(words: dict[str, tuple[str, ...]]) -> dict[str, str]:
@@ -92,7 +93,8 @@ def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, 
     the samples that have one. With ``recipe.object_weight``, ``cover`` ``[B, 1, T, H, W]`` is the objects'
     coverage of each latent pixel (``LatentCache.object_cover``). With ``twin_source`` [K], the last K samples are
     the shape twins of the samples it names: each shares its original's noise, timestep and history corruption,
-    so that the two targets differ only in the object's shape, and ``recipe.pair_weight`` weighs ``pair_error``."""
+    so that the two targets differ only in the object's shape, and ``recipe.pair_weight`` weighs ``pair_error`` (at
+    stages up to ``recipe.pair_max_stage``; it is logged at every stage)."""
     originals = latents.shape[0] - (0 if twin_source is None else len(twin_source))
     draws = generator.get_state()
     history = _corrupted_history(scheduler, latents[:originals], unit, stage, generator, recipe)
@@ -115,7 +117,7 @@ def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, 
     if twin_source is not None and recipe.pair_weight:
         pair_loss, out["pair"] = pair_error(prediction, target, twin_source)
         out["pairs"], out["pair_mse"] = torch.tensor(float(len(twin_source))), pair_loss.detach()
-        loss = loss + recipe.pair_weight * pair_loss
+        loss = loss + recipe.pair_weight * (stage <= recipe.pair_max_stage) * pair_loss
     if recipe.shape_contrast and swapped is not None:
         keep = has_swap.to(latents.device)
         hinge = prediction.new_zeros(())
