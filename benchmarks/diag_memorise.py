@@ -33,10 +33,11 @@ from bench_core import ReportHead, report_preamble, write_atomic
 from safetensors.torch import save_file
 
 from neodragon import load_pipeline
+from neodragon.data import sample
 from neodragon.eval.judge import load_judge
 from neodragon.eval.metrics import semantic_scores
 from neodragon.eval.prompts import _entry, _items, _object_dimensions, load_prompt_set, save_prompt_set
-from neodragon.recipes.nano import LatentCache, clip_batch, encode_training_videos, latent_object_cover
+from neodragon.recipes.nano import LatentCache, clip_batch, encode_rendered, latent_object_cover
 from neodragon.recipes.teacher import OTHER_SHAPE, swap_caption_word
 from neodragon.recipes.vae import load_trained_vae
 
@@ -101,8 +102,9 @@ def encode_videos(vae_dir: Path, rows: list[int], size: int) -> tuple[torch.Tens
     object covers."""
     vae, stats = load_trained_vae(vae_dir)
     vae = vae.float().eval()
-    parts = [encode_training_videos(vae, stats, rows[i : i + 4], size) for i in range(0, len(rows), 4)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
+    latents, _, cover, _ = encode_rendered(vae, stats, rows, 4, "cpu",
+                                           lambda i: sample("train", i, height=size, width=size))
+    return latents, cover
 
 
 def judged(judge, frames: torch.Tensor, entries) -> dict[str, float]:

@@ -52,17 +52,6 @@ SHARD = 256  # latents per cache file
 
 
 @torch.no_grad()
-def encode_training_videos(vae: AsymmetricCausalVideoVAE, stats: dict[str, float], indices, size: int = 128,
-                           seed: int = 0, styles: Sequence[str] = ("none",),
-                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Training videos ``indices`` (17 frames, ``size`` x ``size``) as normalised latent means on the CPU, with
-    their captions and the objects' coverage at latent resolution (``latent_object_cover``): what a latent cache
-    holds."""
-    items = [sample("train", i, seed, height=size, width=size, styles=styles) for i in indices]
-    return encode_items(vae, stats, items, device)
-
-
-@torch.no_grad()
 def encode_items(vae: AsymmetricCausalVideoVAE, stats: dict[str, float], items: Sequence[Sample],
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Rendered items as a latent cache holds them: normalised latent means, captions, objects' latent cover."""
@@ -251,10 +240,10 @@ def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, ba
         if path.is_file():
             continue
         indices = range(shard * SHARD, min((shard + 1) * SHARD, num_videos))
-        latents, captions, cover, _ = _encode_rendered(vae, stats, indices, batch_size, device,
+        latents, captions, cover, _ = encode_rendered(vae, stats, indices, batch_size, device,
                                                        lambda i: sample("train", i, seed, styles=styles))
         tensors = {"latents": latents, "cover": cover}
-        twin_latents, twin_captions, twin_cover, made = _encode_rendered(
+        twin_latents, twin_captions, twin_cover, made = encode_rendered(
             vae, stats, indices if twins else [], batch_size, device,
             lambda i: shape_twin("train", i, seed, styles=styles))
         if made:  # a shard of two-object scenes only has no twins
@@ -271,7 +260,8 @@ def encode_latents(vae_dir: str | Path, out_dir: str | Path, num_videos: int, ba
     return out
 
 
-def _encode_rendered(vae: AsymmetricCausalVideoVAE, stats: dict[str, float], indices: Sequence[int],
+@torch.no_grad()
+def encode_rendered(vae: AsymmetricCausalVideoVAE, stats: dict[str, float], indices: Sequence[int],
                      batch_size: int, device: torch.device | str, render: Callable[[int], Sample | None],
                      ) -> tuple[torch.Tensor, list[str], torch.Tensor, list[int]]:
     """``encode_items`` over the items ``render(i)`` makes for ``indices`` (it may skip one by returning None),
