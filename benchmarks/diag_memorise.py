@@ -33,7 +33,8 @@ from bench_core import ReportHead, report_preamble, write_atomic
 from safetensors.torch import save_file
 
 from neodragon import load_pipeline
-from neodragon.data import sample
+from neodragon.data import SHAPES, other_shapes, sample, shape_variant
+from neodragon.data.captions import SHAPE_WORDS
 from neodragon.eval.judge import load_judge
 from neodragon.eval.metrics import semantic_scores
 from neodragon.eval.prompts import _entry, _items, _object_dimensions, load_prompt_set, save_prompt_set
@@ -95,6 +96,36 @@ def write_swapped(set_dir: Path, out: Path, labels: str) -> None:
               metadata={"captions": json.dumps([e.caption for e in swapped])})
     save_prompt_set(swapped, out / "prompts.json", f"{set_dir.name}-shape-swapped-{labels}-labels")
     (out / "geometry.json").write_text((set_dir / "geometry.json").read_text())
+
+
+def write_families(count: int, out: Path, skip: int = 0) -> None:
+    """``count`` one-object `train` scenes (after the first ``skip``), each drawn with every shape it allows (all
+    but held-out combinations and spinning round shapes) and captioned with that shape's plain word, nothing else
+    changed: within a family only the shape word tells the videos apart, so a DiT that fits them draws each shape
+    only if it reads the word."""
+    variants, scenes = [], 0
+    for index, spec, render_seed in _items("train"):
+        if len(spec.objects) == 1:
+            allowed = {spec.objects[0].shape, *other_shapes("train", spec.objects[0])}
+            scenes += 1
+            if scenes > skip:
+                variants += [((index, spec, render_seed), shape) for shape in SHAPES if shape in allowed]
+        if scenes == skip + count:
+            break
+    vae, stats = load_trained_vae("nano")
+    latents, captions, cover, _ = encode_rendered(
+        vae.float().eval(), stats, range(len(variants)), 4, "cpu",
+        lambda k: shape_variant("train", variants[k][0][0], variants[k][1], SHAPE_WORDS[variants[k][1]][0]))
+    entries = []
+    for ((index, spec, render_seed), shape), caption in zip(variants, captions, strict=True):
+        variant = dataclasses.replace(spec, objects=(dataclasses.replace(spec.objects[0], shape=shape),))
+        entry = _entry("train", index, variant, render_seed, _object_dimensions(variant))
+        entries.append(dataclasses.replace(entry, id=f"{entry.id}-{shape}", caption=caption))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.contiguous(), "cover": cover.contiguous()}, str(out / SHARD),
+              metadata={"captions": json.dumps(captions)})
+    save_prompt_set(entries, out / "prompts.json", f"shape-families-{count}")
+    (out / "geometry.json").write_text(json.dumps({"height": 128, "width": 128}) + "\n")
 
 
 def encode_videos(vae_dir: Path, rows: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +217,11 @@ def main() -> None:
     subset.add_argument("--vae", type=Path, help="Re-render the videos at --size and encode them with this VAE "
                         "(a `train vae` final/, a checkpoint folder or 'nano').")
     subset.add_argument("--size", type=int, default=128, help="Frame size with --vae.")
+    families = commands.add_parser("families", help="One-object scenes, each drawn with every shape: only the "
+                                   "shape word tells a family's videos apart.")
+    families.add_argument("--count", type=int, default=4, help="Scenes (each x the 6-8 shapes it allows).")
+    families.add_argument("--skip", type=int, default=0, help="Leave out the first SKIP such scenes.")
+    families.add_argument("--out", type=Path, required=True)
     swap = commands.add_parser("swap", help="A copy of a one-object subset with each caption's shape word swapped.")
     swap.add_argument("--set", type=Path, required=True, help="The folder `subset` wrote.")
     swap.add_argument("--labels", choices=("caption", "video"), required=True, help="Score the samples against "
@@ -203,6 +239,8 @@ def main() -> None:
         if args.size != 128 and args.vae is None:
             parser.error("--size needs --vae (the cached latents are 128 x 128)")
         write_subset(args.latents, args.count, args.out, args.vae, args.size, args.skip, args.objects)
+    elif args.command == "families":
+        write_families(args.count, args.out, args.skip)
     elif args.command == "swap":
         write_swapped(args.set, args.out, args.labels)
     else:

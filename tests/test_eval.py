@@ -312,12 +312,18 @@ def test_by_object_count_splits_object_prompts_and_leaves_out_style_prompts():
     two = next(e for e in entries if len(e.scene["objects"]) == 2)
     styled = next(e for e in entries if e.dimensions == ("appearance_style",))
 
-    def row(value: float) -> dict:
-        return {"shape": value, "colour": 1.0, "size": 0.0, "motion": value, "count": 1.0}
+    def row(value: float, count: float = 1.0) -> dict:
+        return {"shape": value, "colour": 1.0, "size": 0.0, "motion": value, "count": count}
 
-    table = by_object_count([row(1.0), row(0.5), row(0.0), row(0.0)], [one, two, one, styled])
-    assert table == {"1": {"prompts": 2, "shape": 0.5, "colour": 1.0, "size": 0.0, "motion": 0.5, "count": 1.0},
-                     "2": {"prompts": 1, "shape": 0.5, "colour": 1.0, "size": 0.0, "motion": 0.5, "count": 1.0}}
+    # the second one-object video split its object: it counts in the plain row, not in if_count_right
+    table = by_object_count([row(0.0), row(0.5), row(1.0, count=0.0), row(0.0)], [one, two, one, styled])
+    assert table == {
+        "1": {"prompts": 2, "shape": 0.5, "colour": 1.0, "size": 0.0, "motion": 0.5, "count": 0.5,
+              "if_count_right": {"prompts": 1, "shape": 0.0, "colour": 1.0, "size": 0.0, "motion": 0.0}},
+        "2": {"prompts": 1, "shape": 0.5, "colour": 1.0, "size": 0.0, "motion": 0.5, "count": 1.0,
+              "if_count_right": {"prompts": 1, "shape": 0.5, "colour": 1.0, "size": 0.0, "motion": 0.5}}}
+    none_right = by_object_count([row(1.0, count=0.0)], [one])["1"]["if_count_right"]
+    assert none_right == {"prompts": 0, "shape": None, "colour": None, "size": None, "motion": None}
 
 
 def test_accuracy_by_value_counts_each_prompted_object_under_its_value():

@@ -27,11 +27,13 @@ from neodragon.data import (
     captions,
     collate,
     make_caption,
+    other_shapes,
     preview,
     render,
     sample,
     sample_spec,
     shape_twin,
+    shape_variant,
     shapes_world,
     tokenize,
 )
@@ -246,6 +248,23 @@ def test_shape_twin_changes_the_shape_and_its_word_only():
         again = shape_twin("train", i, **SMALL)
         assert again.caption == twin.caption and torch.equal(again.video, twin.video)
     assert made >= 10
+
+
+
+def test_shape_variant_draws_every_allowed_shape_of_one_scene():
+    index = next(i for i in range(24) if len(sample("train", i, **SMALL).labels.objects) == 1)
+    item = sample("train", index, **SMALL)
+    (obj,) = item.labels.objects
+    scene_object = ObjectSpec(SHAPES[obj.shape], COLOURS[obj.colour], SIZES[obj.size], MOTIONS[obj.motion])
+    allowed = other_shapes("train", scene_object)
+    assert SHAPES[obj.shape] not in allowed and len(allowed) >= 4
+    own = shape_variant("train", index, SHAPES[obj.shape], "thing", **SMALL)
+    assert torch.equal(own.video, item.video)  # its own shape: the same video
+    for shape in allowed:
+        variant = shape_variant("train", index, shape, captions.SHAPE_WORDS[shape][0], **SMALL)
+        (b,) = variant.labels.objects
+        assert SHAPES[b.shape] == shape and (b.colour, b.position) == (obj.colour, obj.position)
+        assert variant.caption == captions.replace_shape_word(item.caption, captions.SHAPE_WORDS[shape][0])
 
 
 # ---- captions ----------------------------------------------------------------------------------------------------

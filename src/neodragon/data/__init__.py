@@ -21,12 +21,14 @@ from .shapes_world import (
     ShapesWorldDataset,
     animation,
     collate,
+    other_shapes,
     preview,
     preview_sheet,
     render,
     sample,
     sample_spec,
     shape_twin,
+    shape_variant,
     to_images,
 )
 
@@ -34,5 +36,6 @@ __all__ = [
     "BACKGROUNDS", "COLOURS", "HELDOUT_COLOUR_SHAPE", "HELDOUT_SHAPE_MOTION", "MAX_CAPTION_TOKENS", "MOTIONS",
     "RELATIONS", "SHAPES", "SIZES", "SPLITS", "STYLES", "Labels", "ObjectLabels", "ObjectSpec", "Sample", "SceneSpec",
     "ShapesWorld", "ShapesWorldDataset", "animation", "caption_vocabulary", "collate", "make_caption", "preview",
-    "preview_sheet", "render", "sample", "sample_spec", "shape_twin", "to_images", "tokenize",
+    "other_shapes", "preview_sheet", "render", "sample", "sample_spec", "shape_twin", "shape_variant", "to_images",
+    "tokenize",
 ]

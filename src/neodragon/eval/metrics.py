@@ -300,13 +300,22 @@ def evaluate(generate: Callable[[str, int], torch.Tensor], entries: Sequence[Pro
 
 def by_object_count(rows: Sequence[dict], entries: Sequence[PromptEntry]) -> dict[str, dict[str, float]]:
     """Object-attribute accuracies (``semantic_scores`` rows) over the object prompts, split by how many objects
-    the prompt has: a two-object scene can fail where one object succeeds (one object's colour on both)."""
+    the prompt has: a two-object scene can fail where one object succeeds (one object's colour on both).
+
+    ``if_count_right`` repeats the attributes over the videos judged to show the prompted number of objects
+    (None where there are none): an object split into several gives the matching several guesses at its shape
+    or colour, which this reading leaves out."""
     groups: dict[str, list[dict]] = {}
     for row, entry in zip(rows, entries, strict=True):
         if "object_class" in entry.dimensions:
             groups.setdefault(str(len(entry.scene["objects"])), []).append(row)
-    return {n: {"prompts": len(group), **{a: sum(r[a] for r in group) / len(group)
-                                          for a in (*OBJECT_ATTRIBUTES, "count")}}
+
+    def means(group: list[dict]) -> dict[str, float | None]:
+        return {a: sum(r[a] for r in group) / len(group) if group else None for a in OBJECT_ATTRIBUTES}
+
+    return {n: {"prompts": len(group), **means(group), "count": sum(r["count"] for r in group) / len(group),
+                "if_count_right": {"prompts": sum(r["count"] == 1.0 for r in group),
+                                   **means([r for r in group if r["count"] == 1.0])}}
             for n, group in sorted(groups.items())}
 
 
@@ -350,6 +359,13 @@ def markdown_table(results: dict) -> str:
     for n, table in results["by_object_count"]["generated"].items():
         cells = [f"{table[a]:.4f} ({real[n][a]:.4f})" for a in columns]
         lines.append(f"| {n} | {table['prompts']} | " + " | ".join(cells) + " |")
+    lines += ["", "The same on the videos judged to show the prompted number of objects (a split object cannot add "
+              "guesses):", "", "| objects | prompts | " + " | ".join(OBJECT_ATTRIBUTES) + " |",
+              "|---:|---:|" + "---:|" * len(OBJECT_ATTRIBUTES)]
+    for n, table in results["by_object_count"]["generated"].items():
+        right = table["if_count_right"]
+        cells = ["-" if right[a] is None else f"{right[a]:.4f}" for a in OBJECT_ATTRIBUTES]
+        lines.append(f"| {n} | {right['prompts']} | " + " | ".join(cells) + " |")
     lines += ["", "Generated objects judged right, per prompted value (right / objects):", ""]
     lines += [f"- {a}: " + ", ".join(f"{v} {r}/{n}" for v, (r, n) in values.items())
               for a, values in results["by_value"].items()]
