@@ -265,6 +265,9 @@ def test_shape_variant_draws_every_allowed_shape_of_one_scene():
         (b,) = variant.labels.objects
         assert SHAPES[b.shape] == shape and (b.colour, b.position) == (obj.colour, obj.position)
         assert variant.caption == captions.replace_shape_word(item.caption, captions.SHAPE_WORDS[shape][0])
+    two = next(i for i in range(24) if len(sample("train", i, **SMALL).labels.objects) == 2)
+    with pytest.raises(ValueError, match="one-object scene"):
+        shape_variant("train", two, "star", "star", **SMALL)
 
 
 # ---- captions ----------------------------------------------------------------------------------------------------

@@ -259,6 +259,9 @@ def shape_variant(split: str, index: int, shape: str, word: str, base_seed: int 
     """Item ``index`` of ``split`` (a one-object scene) drawn with ``shape`` and its caption naming it ``word``,
     everything else as ``sample`` draws it."""
     spec, seed = _scene(split, index, base_seed, styles)
+    if len(spec.objects) != 1 or shape not in SHAPES:
+        raise ValueError(f"shape_variant takes a one-object scene and one of {SHAPES}; item {index} of {split!r} "
+                         f"has {len(spec.objects)} objects, shape {shape!r} was asked for.")
     variant = dataclasses.replace(spec, objects=(dataclasses.replace(spec.objects[0], shape=shape),))
     item = render(variant, seed, num_frames=num_frames, height=height, width=width,
                   complete_caption=split != "train")

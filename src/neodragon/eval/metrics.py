@@ -298,7 +298,7 @@ def evaluate(generate: Callable[[str, int], torch.Tensor], entries: Sequence[Pro
     return results
 
 
-def by_object_count(rows: Sequence[dict], entries: Sequence[PromptEntry]) -> dict[str, dict[str, float]]:
+def by_object_count(rows: Sequence[dict], entries: Sequence[PromptEntry]) -> dict[str, dict]:
     """Object-attribute accuracies (``semantic_scores`` rows) over the object prompts, split by how many objects
     the prompt has: a two-object scene can fail where one object succeeds (one object's colour on both).
 
