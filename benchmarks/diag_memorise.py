@@ -19,8 +19,8 @@ frame against the training latent; and, per pyramid stage, the relative error of
 steps integrate that stage alone from the exact point where training starts it (no guidance): which stage fails
 to reproduce what it was trained on. ``swap`` copies a subset with each caption's shape word swapped, scored
 against the named shape or the video's own: whether a DiT that draws the shapes follows the shape word.
- ``families`` writes one-object scenes each drawn with every
-shape it allows, captions differing only in the shape word: fitted to them, a DiT must read the word."""
+``families`` writes one-object scenes each drawn with every shape it allows, captions differing only in the shape
+word: fitted to them, a DiT must read the word."""
 
 from __future__ import annotations
 
