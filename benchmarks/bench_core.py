@@ -308,6 +308,13 @@ def report_preamble(title: str, report, finished: bool, load_note: str) -> list[
     ]
 
 
+def finish_report(path: Path, title: str, report: ReportHead, load_note: str, body: Sequence[str]) -> None:
+    """Write a finished run's report (the preamble, a blank line, then ``body``) atomically and print it."""
+    text = "\n".join([*report_preamble(title, report, True, load_note), "", *body, ""])
+    write_atomic(path, text)
+    print(text)
+
+
 def render(report: Report, args: argparse.Namespace, finished: bool) -> str:
     lines = [
         *report_preamble("Core benchmarks (CPU)", report, finished,

@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from bench_core import ReportHead, report_preamble, write_atomic
+from bench_core import ReportHead, finish_report
 
 from neodragon import load_pipeline
 from neodragon.data.captions import COLOUR_SHAPE, SHAPE_WORDS, replace_shape_word
@@ -93,13 +93,10 @@ def main() -> None:
                     + f" | {single['shape'] or 0:.1%} of {single['prompts']} | "
                     + f"{results['generated']['dimensions']['imaging_quality']:.3f} |")
         print(rows[-1], flush=True)
-    head = report_preamble(f"Shape-word guidance on {args.model}", report, True, "2 threads")
     legend = (f"One-object `nano-eval` prompts, the model's default steps and guidance g; pushed away from "
               f"{'every other shape word (mean velocity)' if args.all else 'the next shape class word'}, "
               "scale g x k. Chance for shape: 12.5%.")
-    text = "\n".join([*head, "", legend, "", *rows, ""])
-    write_atomic(args.out, text)
-    print(text)
+    finish_report(args.out, f"Shape-word guidance on {args.model}", report, "2 threads", [legend, "", *rows])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_core import ReportHead, report_preamble, write_atomic
+from bench_core import ReportHead, finish_report
 
 from neodragon.eval.judge import OBJECT_ATTRIBUTES
 from neodragon.eval.metrics import by_object_count
@@ -47,10 +47,7 @@ def main() -> None:
              "|---|---:|---:|---:|---:|" + "---|" * len(OBJECT_ATTRIBUTES)]
     for path in args.results:
         lines += rows_for(path)
-    head = report_preamble("Object accuracy with and without split objects", report, True, "reads files only")
-    text = "\n".join([*head, "", *lines, ""])
-    write_atomic(args.out, text)
-    print(text)
+    finish_report(args.out, "Object accuracy with and without split objects", report, "reads files only", lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from bench_core import ReportHead, report_preamble, write_atomic
+from bench_core import ReportHead, finish_report
 
 from neodragon.models.mmdit import PyramidMMDiT
 from neodragon.recipes.nano import LatentCache, batch_flow_matching_loss, flow_matching_batches, teacher_training_data
@@ -71,13 +71,10 @@ def main() -> None:
         every = [v for values in groups.values() for v in values]
         pair, mse, loss = (sum(v[i] for v in every) / len(every) for i in (0, 1, 2))
         rows.append(f"| {folder} | all | all | {len(every)} | **{pair:.3f}** | {mse:.5f} | {loss:.4f} |")
-    head = report_preamble("Shape-twin pair error of nano DiTs", report, True, "2 threads")
     legend = (f"{int((cache.twin >= 0).sum()) // 2} twin pairs in {args.latents}, {args.steps} batches of "
               f"{args.batch_size} (plus twins) per DiT. Pair error: 1 = the DiT draws a video and its twin alike "
               "(ignores the shape word), 0 = each as its target.")
-    text_out = "\n".join([*head, "", legend, "", *rows, ""])
-    write_atomic(args.out, text_out)
-    print(text_out)
+    finish_report(args.out, "Shape-twin pair error of nano DiTs", report, "2 threads", [legend, "", *rows])
 
 
 if __name__ == "__main__":
