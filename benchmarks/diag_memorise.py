@@ -150,14 +150,16 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return torch.cat([pipe.decode_latents(chunk) for chunk in latents.split(8)])
 
 
-def sample_rows(pipe, judge, entries, cached: torch.Tensor, guidances: list[float], geometry: dict) -> list[str]:
+def sample_rows(pipe, judge, entries, cached: torch.Tensor, guidances: list[float], geometry: dict,
+                steps: int) -> list[str]:
     bound = judged(judge, decode(pipe, cached), entries)
     rows = ["| samples | shape | colour | motion | count | latent error, frames 0 / 1 / 2 |",
             "|---|---:|---:|---:|---:|---|",
             "| decoded training latents (the bound) | " + " | ".join(f"{v:.0%}" for v in bound.values()) + " | 0 |"]
     for g in guidances:
         latents = torch.cat([pipe([e.caption], generator=torch.Generator().manual_seed(e.seed), guidance_scale=g,
-                                  video_guidance_scale=min(g, 4.0), output_type="latent", **geometry).frames.float()
+                                  video_guidance_scale=min(g, 4.0), num_inference_steps=steps, output_type="latent",
+                                  **geometry).frames.float()
                              for e in entries])
         error = (latents - cached).square().mean((1, 3, 4)).sum(0) / cached.square().mean((1, 3, 4)).sum(0)
         scores = judged(judge, decode(pipe, latents), entries)
@@ -194,7 +196,9 @@ def score(args: argparse.Namespace) -> None:
         pipe = load_pipeline(str(model))
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            rows = [f"## {model}", "", *sample_rows(pipe, judge, entries, cached, args.guidance, geometry), "",
+            rows = [f"## {model}", "", f"Samples: frame 0 with {args.steps} Euler steps per stage, later frames with "
+                    "the model's defaults.", "", *sample_rows(pipe, judge, entries, cached, args.guidance, geometry,
+                                                              args.steps), "",
                     f"Frame 0, each stage alone from its training start point, {args.steps} Euler steps, no guidance:",
                     "", *stage_rows(pipe, cached, cache.captions, args.steps), ""]
         print("\n".join(rows), flush=True)
@@ -232,7 +236,8 @@ def main() -> None:
     scoring.add_argument("--set", type=Path, required=True, help="The folder `subset` wrote.")
     scoring.add_argument("--model", type=Path, nargs="+", required=True, help="Exported checkpoint folders.")
     scoring.add_argument("--guidance", nargs="+", type=float, default=[1.0, 2.0, 5.0])
-    scoring.add_argument("--steps", type=int, default=8, help="Euler steps per stage of the stage check.")
+    scoring.add_argument("--steps", type=int, default=8, help="Euler steps per stage for frame 0, in the "
+                         "samples and the stage check (8, as in every report made before the bundle sampled with 20).")
     scoring.add_argument("--out", type=Path, default=Path("docs/results/teacher-memorise.md"))
     scoring.add_argument("--append", action="store_true", help="Add to --out instead of replacing it.")
     args = parser.parse_args()

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -38,6 +39,8 @@ from neodragon.recipes.teacher import (
     TeacherRecipe,
     flow_matching_loss,
     pair_error,
+    sample_unit_and_stage,
+    step_generator,
     swap_caption_word,
     weighted_mse,
 )
@@ -261,6 +264,8 @@ def test_bundled_vae_encodes_latents_with_the_bundles_statistics(tmp_path):
     vae, stats = load_trained_vae("nano")
     assert stats == {k: config[k] for k in stats} and len(stats) == 4
     assert load_trained_vae(bundle)[1] == stats  # the checkpoint folder itself
+    replace(nano_teacher_preset().pipeline, **stats).save(tmp_path)  # what export-teacher writes
+    assert json.loads((tmp_path / "pipeline_config.json").read_text()) == config
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_trained_vae(tmp_path / "missing")
     shard = encode_latents("nano", tmp_path / "latents", num_videos=2, batch_size=2) / "shard_00000.safetensors"
@@ -433,6 +438,33 @@ def test_teacher_trains_with_object_weight_and_names_coverless_latents(latents, 
     with pytest.raises(ValueError, match="re-encode"):
         train_teacher(config(tmp_path / "old-run", 1, batch_size=2), old, TeacherRecipe(object_weight=4.0))
     assert not (tmp_path / "old-run").exists()  # refused before anything is written
+
+
+def test_unit_and_stage_weights_skew_the_draw():
+    for step in range(20):  # no weights: the draws of runs made before weights existed, so they resume alike
+        generator = step_generator(0, step, rank=-1)
+        old = (int(torch.randint(3, (1,), generator=generator)), int(torch.randint(3, (1,), generator=generator)))
+        assert sample_unit_and_stage(3, 3, 0, step) == old
+    assert {sample_unit_and_stage(3, 3, 0, s, (1, 0, 0), (0, 0, 5)) for s in range(50)} == {(0, 2)}
+    draws = [sample_unit_and_stage(3, 3, 0, s, (8, 1, 1), None) for s in range(400)]
+    assert 0.7 < sum(unit == 0 for unit, _ in draws) / 400 < 0.9
+    assert {stage for _, stage in draws} == {0, 1, 2}
+    with pytest.raises(ValueError, match="one number per unit"):
+        sample_unit_and_stage(3, 3, 0, 0, (1, 1), None)
+    with pytest.raises(ValueError, match="non-negative"):
+        TeacherRecipe(stage_weights=(1.0, -1.0, 1.0))
+    with pytest.raises(ValueError, match="positive sum"):
+        TeacherRecipe(unit_weights=(0.0, 0.0, 0.0))
+
+
+def test_teacher_trains_on_the_weighted_unit_and_stage(latents, tmp_path):
+    recipe = TeacherRecipe(unit_weights=(1.0, 0.0, 0.0), stage_weights=(0.0, 0.0, 1.0))
+    train_teacher(config(tmp_path / "run", 3, batch_size=2), latents, recipe)
+    assert {(row["unit"], row["stage"]) for row in read_log(tmp_path / "run")} == {(0.0, 2.0)}
+    assert json.loads((tmp_path / "run" / "final" / "recipe.json").read_text())["stage_weights"] == [0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="these latents have 3, got 2"):
+        train_teacher(config(tmp_path / "bad", 1, batch_size=2), latents, TeacherRecipe(unit_weights=(2.0, 1.0)))
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.fixture(scope="module")

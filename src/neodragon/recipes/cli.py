@@ -119,6 +119,11 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
                                               "(needs a --latents folder encoded with --twins; 0: off)."),
             pair_max_stage: int = typer.Option(2, "--pair-max-stage", help="Apply the --pair-weight term at the "
                                                "pyramid stages up to this one (stage 2 is full resolution)."),
+            unit_weights: str = typer.Option(None, "--unit-weights", help="How often each autoregressive unit is "
+                                             "trained, comma-separated, e.g. 2,1,1 for the first frame twice as "
+                                             "often [default: uniform]."),
+            stage_weights: str = typer.Option(None, "--stage-weights", help="The same for the pyramid stages "
+                                              "(lowest resolution first), e.g. 1,1,2 [default: uniform]."),
             layers: int = typer.Option(None, "--layers", help="DiT depth [default: the nano teacher preset's, 6]."),
             heads: int = typer.Option(None, "--heads", help="DiT attention heads of width 32 [default: the "
                                       "preset's, 4]; a resumed run needs the same --layers / --heads."),
@@ -131,13 +136,25 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
 
     try:
         dit_config = teacher_dit_config(layers, heads)
+        recipe = TeacherRecipe(text_dropout=text_dropout, shape_contrast=shape_contrast,
+                               contrast_margin=contrast_margin, object_weight=object_weight,
+                               pair_weight=pair_weight, pair_max_stage=pair_max_stage,
+                               unit_weights=_weights(unit_weights, "--unit-weights"),
+                               stage_weights=_weights(stage_weights, "--stage-weights"))
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
-    train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes), latents,
-                  TeacherRecipe(text_dropout=text_dropout, shape_contrast=shape_contrast,
-                                contrast_margin=contrast_margin, object_weight=object_weight,
-                                pair_weight=pair_weight, pair_max_stage=pair_max_stage), init_from,
-                  dit_config, compile_blocks)
+    train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes), latents, recipe,
+                  init_from, dit_config, compile_blocks)
+
+
+def _weights(text: str | None, option: str) -> tuple[float, ...] | None:
+    """``"2,1,1"`` -> ``(2.0, 1.0, 1.0)``; None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers such as 2,1,1, got {text!r}.") from None
 
 
 @app.command("export-teacher")

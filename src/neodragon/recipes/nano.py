@@ -373,13 +373,16 @@ class CaptionEncodings:
 
 def flow_matching_batches(cache: LatentCache, text: CaptionEncodings, config: TrainConfig, text_dropout: float,
                           stages: int, device: torch.device | str | None = None, shape_contrast: bool = False,
-                          object_cover: bool = False, twins: bool = False) -> Callable[[int, int, int], dict]:
+                          object_cover: bool = False, twins: bool = False,
+                          unit_weights: Sequence[float] | None = None,
+                          stage_weights: Sequence[float] | None = None) -> Callable[[int, int, int], dict]:
     """``batch_fn(step, rank, world)`` of a pyramidal flow-matching run (the teacher, adapters): latents, encoded
     captions after dropout, and the step's unit, stage and generator, all a pure function of (step, rank). With
     ``shape_contrast``, also the shape-swapped captions' encodings and which samples have one; with
     ``object_cover``, the latents' object cover; with ``twins``, every sample that has a shape twin in the cache
     and kept its caption brings the twin along, appended after the batch (``twin_source``: the samples they belong
-    to). Batches go to ``device``, by default they stay where the cache and encodings are (on a GPU, a round trip
+    to). ``unit_weights`` / ``stage_weights`` skew the draw of the step's unit and stage (``sample_unit_and_stage``).
+    Batches go to ``device``, by default they stay where the cache and encodings are (on a GPU, a round trip
     through the CPU took over a quarter of an H100's step at batch 1,024)."""
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
@@ -394,7 +397,7 @@ def flow_matching_batches(cache: LatentCache, text: CaptionEncodings, config: Tr
             captions += [cache.captions[partner[k]] for k in source]
             batch["twin_source"] = torch.tensor(source, dtype=torch.int64)
         latents = cache.batch(indices)[0]
-        unit, stage = sample_unit_and_stage(latents.shape[2], stages, config.seed, step)
+        unit, stage = sample_unit_and_stage(latents.shape[2], stages, config.seed, step, unit_weights, stage_weights)
         batch |= {"latents": latents.to(device=device), "encoding": text.encode(captions).to(device=device),
                   "unit": unit, "stage": stage, "generator": generator}
         if object_cover:
@@ -449,16 +452,24 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
     if recipe.pair_weight > 0 and not (cache.twin >= 0).any():
         raise ValueError("pair_weight needs shape twins in the latent cache: encode a folder with "
                          "`neodragon train encode-latents --twins` and pass it with --latents.")
+    scheduler = PyramidFlowMatchScheduler()
+    layout = {"unit": (recipe.unit_weights, cache.latents.shape[2]),
+              "stage": (recipe.stage_weights, scheduler.config.stages)}
+    for what, (weights, count) in layout.items():
+        if weights is not None and len(weights) != count:
+            raise ValueError(f"{what} weights need one number per {what}: these latents have {count}, got "
+                             f"{len(weights)} ({', '.join(map(str, weights))}).")
     dit = _initial_dit(dit_config or teacher_dit_config(), init_from)
     if compile_blocks:
         dit.compile_repeated_blocks(dynamic=True)
-    scheduler = PyramidFlowMatchScheduler()
 
     trainer = Trainer(config, {"dit": dit}, flow_matching_batches(cache, text, config, recipe.text_dropout,
                                                                   scheduler.config.stages,
                                                                   shape_contrast=recipe.shape_contrast > 0,
                                                                   object_cover=recipe.object_weight > 0,
-                                                                  twins=recipe.pair_weight > 0),
+                                                                  twins=recipe.pair_weight > 0,
+                                                                  unit_weights=recipe.unit_weights,
+                                                                  stage_weights=recipe.stage_weights),
                       lambda batch: batch_flow_matching_loss(trainer.modules["dit"], scheduler, batch, recipe))
     trainer.resume()
     trainer.fit()

@@ -10,6 +10,7 @@ the empty prompt so that the model can be sampled with classifier-free guidance.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,14 @@ class TeacherRecipe:
     object_weight: float = 0.0  # extra loss weight on latent pixels the objects cover (0: plain flow matching)
     pair_weight: float = 0.0  # weight of the shape-twin difference error (needs latents encoded with twins)
     pair_max_stage: int = 2  # the twin term applies at the pyramid stages up to this one
+    unit_weights: tuple[float, ...] | None = None  # how often each autoregressive unit is drawn (None: uniform)
+    stage_weights: tuple[float, ...] | None = None  # how often each pyramid stage is drawn (None: uniform)
+
+    def __post_init__(self) -> None:
+        for name in ("unit_weights", "stage_weights"):
+            weights = getattr(self, name)
+            if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+                raise ValueError(f"{name} must be non-negative with a positive sum, got {weights}.")
 
 
 def _next_class(words: dict[str, tuple[str, ...]]) -> dict[str, str]:
@@ -76,11 +85,22 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
-def sample_unit_and_stage(num_latent_frames: int, num_stages: int, seed: int, step: int) -> tuple[int, int]:
-    """The (unit, stage) of a step, identical on every process so that all ranks build the same layout."""
+def sample_unit_and_stage(num_latent_frames: int, num_stages: int, seed: int, step: int,
+                          unit_weights: Sequence[float] | None = None,
+                          stage_weights: Sequence[float] | None = None) -> tuple[int, int]:
+    """The (unit, stage) of a step, identical on every process so that all ranks build the same layout; uniform
+    unless weights are given (one per unit / stage, any positive scale)."""
     generator = step_generator(seed, step, rank=-1)
-    unit = int(torch.randint(num_latent_frames, (1,), generator=generator))
-    return unit, int(torch.randint(num_stages, (1,), generator=generator))
+    unit = _draw_index(num_latent_frames, unit_weights, "unit", generator)
+    return unit, _draw_index(num_stages, stage_weights, "stage", generator)
+
+
+def _draw_index(count: int, weights: Sequence[float] | None, what: str, generator: torch.Generator) -> int:
+    if weights is None:  # the uniform draw of runs made before weights existed, so that they resume identically
+        return int(torch.randint(count, (1,), generator=generator))
+    if len(weights) != count:
+        raise ValueError(f"{what} weights need one number per {what} ({count}), got {len(weights)}: {weights}.")
+    return int(torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1, generator=generator))
 
 
 def flow_matching_loss(dit: PyramidMMDiT, scheduler: PyramidFlowMatchScheduler, latents: torch.Tensor,
