@@ -462,7 +462,7 @@ def test_teacher_trains_on_the_weighted_unit_and_stage(latents, tmp_path):
     train_teacher(config(tmp_path / "run", 3, batch_size=2), latents, recipe)
     assert {(row["unit"], row["stage"]) for row in read_log(tmp_path / "run")} == {(0.0, 2.0)}
     assert json.loads((tmp_path / "run" / "final" / "recipe.json").read_text())["stage_weights"] == [0.0, 0.0, 1.0]
-    with pytest.raises(ValueError, match="these latents have 3, got 2"):
+    with pytest.raises(ValueError, match=r"one number per unit \(3\), got 2"):
         train_teacher(config(tmp_path / "bad", 1, batch_size=2), latents, TeacherRecipe(unit_weights=(2.0, 1.0)))
     assert not (tmp_path / "bad").exists()
 

@@ -453,12 +453,9 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
         raise ValueError("pair_weight needs shape twins in the latent cache: encode a folder with "
                          "`neodragon train encode-latents --twins` and pass it with --latents.")
     scheduler = PyramidFlowMatchScheduler()
-    layout = {"unit": (recipe.unit_weights, cache.latents.shape[2]),
-              "stage": (recipe.stage_weights, scheduler.config.stages)}
-    for what, (weights, count) in layout.items():
-        if weights is not None and len(weights) != count:
-            raise ValueError(f"{what} weights need one number per {what}: these latents have {count}, got "
-                             f"{len(weights)} ({', '.join(map(str, weights))}).")
+    # fails now, before anything is written, if the unit or stage weights do not fit these latents
+    sample_unit_and_stage(cache.latents.shape[2], scheduler.config.stages, config.seed, 0, recipe.unit_weights,
+                          recipe.stage_weights)
     dit = _initial_dit(dit_config or teacher_dit_config(), init_from)
     if compile_blocks:
         dit.compile_repeated_blocks(dynamic=True)
