@@ -83,8 +83,9 @@ def nano_teacher_preset() -> Preset:
         super_resolution=student.super_resolution,
         # 20 Euler steps per stage for frame 0: more named shapes than 8 at +36 DiT calls (nano-teacher.md, "more
         # Euler steps for the first frame")
-        pipeline=replace(student.pipeline, modes={**student.pipeline.modes,
-                                                  "monolithic": ModeDefaults([20, 20, 20], [4, 4, 4], 5.0, 4.0)}),
+        pipeline=replace(student.pipeline, modes={
+            **student.pipeline.modes,
+            "monolithic": replace(student.pipeline.modes["monolithic"], num_inference_steps=[20, 20, 20])}),
         modes=("monolithic",),
     )
 
