@@ -305,6 +305,22 @@ def test_teacher_init_from_loads_a_trained_dit(latents, tmp_path):
             train_teacher(config(tmp_path / "bad", 1), latents, init_from=tmp_path / name)
 
 
+def test_teacher_with_weight_average_writes_the_average_and_the_last_weights(latents, tmp_path):
+    torch.manual_seed(5)
+    PyramidMMDiT(**nano_teacher_preset().dit).save_pretrained(tmp_path / "init")
+    run = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, warmup_steps=1, save_every=1,
+                      ema_decay=0.999)
+    train_teacher(run, latents, init_from=tmp_path / "init")
+    start = PyramidMMDiT.from_pretrained(tmp_path / "init").state_dict()
+    average = PyramidMMDiT.from_pretrained(tmp_path / "run" / "final").state_dict()
+    last = PyramidMMDiT.from_pretrained(tmp_path / "run" / "final-raw").state_dict()
+    moved = [k for k in start if not torch.equal(start[k], last[k])]
+    assert moved
+    # the EMA's warm-up decay is 0 at its first update and 2/11 at its second: a mix of both steps' weights
+    assert all(not torch.equal(average[k], last[k]) for k in moved)
+    assert (tmp_path / "run" / "checkpoints" / "step_2" / "ema.safetensors").is_file()
+
+
 def test_grow_depth_keeps_the_function_and_trains_the_new_blocks(latents, tmp_path):
     torch.manual_seed(0)
     dit = PyramidMMDiT(**dict(nano_teacher_preset().dit, num_layers=3)).eval()

@@ -11,7 +11,7 @@ class Interrupted(Exception):
     pass
 
 
-def make_trainer(tmp_path, stop_at=None, max_steps=6, max_minutes=None, step_seconds=0.0):
+def make_trainer(tmp_path, stop_at=None, max_steps=6, max_minutes=None, step_seconds=0.0, ema_decay=None):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
     data = torch.randn(1000, 4, generator=torch.Generator().manual_seed(1))
@@ -27,7 +27,8 @@ def make_trainer(tmp_path, stop_at=None, max_steps=6, max_minutes=None, step_sec
         return {"loss": loss, "extra": loss.detach() * 2}
 
     config = TrainConfig(output_dir=str(tmp_path), max_steps=max_steps, batch_size=4, warmup_steps=2,
-                         save_every=3, log_every=1, learning_rate=1e-2, max_minutes=max_minutes)
+                         save_every=3, log_every=1, learning_rate=1e-2, max_minutes=max_minutes,
+                         ema_decay=ema_decay)
     return Trainer(config, {"model": model}, batch_fn, loss_fn)
 
 
@@ -47,6 +48,33 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in log] == [r["loss"] for r in read_log(tmp_path / "a")]
     assert (tmp_path / "b" / "train_config.json").is_file()
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_3", "step_6"]
+
+
+def test_weight_average_resumes_and_swaps_in_only_inside_the_block(tmp_path):
+    straight = make_trainer(tmp_path / "a", ema_decay=0.5)
+    straight.fit()
+    interrupted = make_trainer(tmp_path / "b", stop_at=4, ema_decay=0.5)
+    with pytest.raises(Interrupted):
+        interrupted.fit()
+    resumed = make_trainer(tmp_path / "b", ema_decay=0.5)
+    resumed.resume()
+    resumed.fit()
+    for a, b in zip(straight.ema.shadow_params, resumed.ema.shadow_params, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    model = resumed.unwrap("model")
+    last = [p.detach().clone() for p in model.parameters()]
+    with resumed.averaged_weights():
+        averaged = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), last, strict=True))  # restored afterwards
+    assert not any(torch.equal(a, b) for a, b in zip(averaged, last, strict=True))  # an average, not the last
+
+
+def test_weight_average_needs_a_checkpoint_that_has_one(tmp_path):
+    make_trainer(tmp_path, max_steps=3).fit()
+    with pytest.raises(FileNotFoundError, match="without --ema-decay"):
+        make_trainer(tmp_path, ema_decay=0.9).resume()
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        TrainConfig(output_dir=str(tmp_path), ema_decay=1.5)
 
 
 def test_frozen_model_is_an_error(tmp_path):

@@ -36,14 +36,17 @@ STYLES = typer.Option(["none"], "--style", callback=_known_styles,
 
 
 def _config(output: Path, steps: int, batch_size: int, lr: float, save_every: int, seed: int, warmup: int,
-            max_minutes: float | None = None):
+            max_minutes: float | None = None, ema_decay: float | None = None):
     from .training import TrainConfig
 
     if max_minutes is not None and max_minutes <= 0:
         raise typer.BadParameter(f"--max-minutes must be positive, got {max_minutes}")
-    return TrainConfig(output_dir=str(output), max_steps=steps, batch_size=batch_size, learning_rate=lr,
-                       save_every=save_every, seed=seed, warmup_steps=min(warmup, max(1, steps // 10)),
-                       max_minutes=max_minutes)
+    try:
+        return TrainConfig(output_dir=str(output), max_steps=steps, batch_size=batch_size, learning_rate=lr,
+                           save_every=save_every, seed=seed, warmup_steps=min(warmup, max(1, steps // 10)),
+                           max_minutes=max_minutes, ema_decay=ema_decay)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
 
 
 @app.command()
@@ -129,7 +132,11 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
                                       "preset's, 4]; a resumed run needs the same --layers / --heads."),
             compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks "
                                                 "(dynamic shapes): the same losses, a faster step (1.27x on a "
-                                                "2-core CPU) after a compile of about 2 minutes.")) -> None:
+                                                "2-core CPU) after a compile of about 2 minutes."),
+            ema_decay: float = typer.Option(None, "--ema-decay", help="Also keep an exponential moving average "
+                                            "of the weights with this decay (e.g. 0.999), saved with every "
+                                            "checkpoint; final/ is then the average and final-raw/ the last "
+                                            "weights [default: off].")) -> None:
     """Train the nano teacher DiT with pyramidal flow matching on cached latents."""
     from .nano import teacher_dit_config, train_teacher
     from .teacher import TeacherRecipe
@@ -143,8 +150,8 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
                                stage_weights=_weights(stage_weights, "--stage-weights"))
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
-    train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes), latents, recipe,
-                  init_from, dit_config, compile_blocks)
+    train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes, ema_decay), latents,
+                  recipe, init_from, dit_config, compile_blocks)
 
 
 def _weights(text: str | None, option: str) -> tuple[float, ...] | None:

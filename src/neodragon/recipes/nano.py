@@ -471,9 +471,18 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
     trainer.resume()
     trainer.fit()
     if trainer.accelerator.is_main_process:
-        trainer.unwrap("dit").save_pretrained(Path(config.output_dir) / "final")
-        (Path(config.output_dir) / "final" / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+        _save_final_dit(trainer, Path(config.output_dir), recipe)
     trainer.accelerator.wait_for_everyone()
+
+
+def _save_final_dit(trainer: Trainer, output_dir: Path, recipe: TeacherRecipe) -> None:
+    """``final/``: the DiT to export, the weight average when the run keeps one (then the last weights go to
+    ``final-raw/``, for comparison)."""
+    if trainer.ema is not None:
+        trainer.unwrap("dit").save_pretrained(output_dir / "final-raw")
+    with trainer.averaged_weights():
+        trainer.unwrap("dit").save_pretrained(output_dir / "final")
+    (output_dir / "final" / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
 
 
 def teacher_training_data(latents_dir: str | Path | Sequence[str | Path], recipe: TeacherRecipe,

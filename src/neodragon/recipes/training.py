@@ -10,17 +10,21 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device, set_seed
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "log.jsonl"
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass
@@ -40,6 +44,11 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     max_minutes: float | None = None  # wall-time budget of one invocation (None: no limit)
+    ema_decay: float | None = None  # also keep an exponential moving average of the weights (None: off)
+
+    def __post_init__(self) -> None:
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie between 0 and 1 (e.g. 0.999), got {self.ema_decay}.")
 
 
 def lr_lambda(config: TrainConfig, time_used: Callable[[], float] = lambda: 0.0) -> Callable[[int], float]:
@@ -67,9 +76,11 @@ class Trainer:
         self.config = config
         self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
         set_seed(config.seed, device_specific=True)
-        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-        if not params:
+        named = [(f"{key}.{name}", p) for key, m in modules.items() for name, p in m.named_parameters()
+                 if p.requires_grad]
+        if not named:
             raise ValueError("Nothing to train: every parameter is frozen.")
+        self.param_names, params = [n for n, _ in named], [p for _, p in named]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self._started: float | None = None  # set when fit() starts: the time budget is per invocation
         self.time_used = 0.0  # fraction of max_minutes spent, synchronised across processes by fit()
@@ -78,6 +89,8 @@ class Trainer:
         self.modules = dict(zip(modules, prepared[: len(modules)], strict=True))
         self.optimizer, self.scheduler = prepared[len(modules)], prepared[len(modules) + 1]
         self.params = params
+        # made after prepare(), on the parameters' device; diffusers' EMA warms its decay up as (1 + n) / (10 + n)
+        self.ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay else None
         self.batch_fn, self.loss_fn = batch_fn, loss_fn
         self.output_dir = Path(config.output_dir)
         self.step = 0
@@ -97,13 +110,48 @@ class Trainer:
         if checkpoints:
             self.accelerator.load_state(str(checkpoints[-1]))
             self.step = int(checkpoints[-1].name.split("_")[1])
+            self._load_ema(checkpoints[-1])
         return self.step
+
+    def _load_ema(self, checkpoint: Path) -> None:
+        if self.ema is None:
+            return
+        path = checkpoint / EMA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{checkpoint} holds no weight average ({EMA_FILE}): it was saved without "
+                                    "--ema-decay (or its save was cut short). Resume it without --ema-decay, or "
+                                    "start a new run from its weights with --init-from.")
+        shadow = load_file(path)
+        if sorted(shadow) != sorted(self.param_names):
+            raise ValueError(f"{path} does not match this model's trainable parameters.")
+        self.ema.load_state_dict({"optimization_step": self.step,
+                                  "shadow_params": [shadow[name] for name in self.param_names]})
+        self.ema.to(self.accelerator.device)
+
+    def _save_ema(self, checkpoint: Path) -> None:
+        if self.ema is not None:
+            save_file({name: p.detach().contiguous() for name, p in zip(self.param_names, self.ema.shadow_params,
+                                                                        strict=True)}, checkpoint / EMA_FILE)
+
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Inside the block the models hold the weight average (with ``ema_decay``; else their own weights)."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
 
     def save(self) -> None:
         """Save the full training state (models, optimizer, scheduler, RNGs); keep the newest few."""
         target = self.output_dir / CHECKPOINTS / f"step_{self.step}"
         self.accelerator.save_state(str(target))
         if self.accelerator.is_main_process:
+            self._save_ema(target)
             (self.output_dir / "train_config.json").write_text(json.dumps(asdict(self.config), indent=2))
             for old in self._checkpoints()[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -145,6 +193,8 @@ class Trainer:
             if cfg.grad_clip > 0:
                 acc.clip_grad_norm_(self.params, cfg.grad_clip)
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.step(self.params)
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
