@@ -121,12 +121,11 @@ class Trainer:
             raise FileNotFoundError(f"{checkpoint} holds no weight average ({EMA_FILE}): it was saved without "
                                     "--ema-decay (or its save was cut short). Resume it without --ema-decay, or "
                                     "start a new run from its weights with --init-from.")
-        shadow = load_file(path)
+        shadow = load_file(path, device=str(self.accelerator.device))  # where the parameters it follows live
         if sorted(shadow) != sorted(self.param_names):
             raise ValueError(f"{path} does not match this model's trainable parameters.")
         self.ema.load_state_dict({"optimization_step": self.step,
                                   "shadow_params": [shadow[name] for name in self.param_names]})
-        self.ema.to(self.accelerator.device)
 
     def _save_ema(self, checkpoint: Path) -> None:
         if self.ema is not None:
