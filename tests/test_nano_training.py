@@ -399,20 +399,27 @@ def test_teacher_size_options_train_export_and_load(vae_run, latents, tmp_path):
     from neodragon.recipes.cli import app
 
     args = ["teacher", "--latents", str(latents), "-o", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
-            "--layers", "2", "--heads", "2"]
+            "--layers", "2", "--heads", "2", "--patch-size", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     dit = PyramidMMDiT.from_pretrained(tmp_path / "run" / "final")
-    assert (dit.config.num_layers, dit.config.num_attention_heads, dit.config.caption_projection_dim) == (2, 2, 64)
+    assert (dit.config.num_layers, dit.config.num_attention_heads, dit.config.caption_projection_dim,
+            dit.config.patch_size) == (2, 2, 64, 1)
     assert sum(p.numel() for p in dit.parameters()) < sum(
         p.numel() for p in PyramidMMDiT(**nano_teacher_preset().dit).parameters())
     pipe = NeodragonPipeline.from_pretrained(export_teacher(vae_run[0] / "final", tmp_path / "run" / "final",
                                                             tmp_path / "export"), torch_dtype=torch.float32)
     assert pipe.transformer.config.num_layers == 2
-    with pytest.raises(ValueError, match="give the --heads it was trained with"):  # a DiT of other heads
+    pipe.set_progress_bar_config(disable=True)
+    latent = pipe("a red circle", num_frames=9, num_inference_steps=1, video_num_inference_steps=1,
+                  generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    assert latent.shape == (1, 8, 2, 16, 16) and torch.isfinite(latent).all()  # a token per latent pixel samples
+    with pytest.raises(ValueError, match="give the --heads and --patch-size it was trained with"):  # another size
         train_teacher(config(tmp_path / "bad", 1), latents, init_from=tmp_path / "run" / "final")
     result = CliRunner().invoke(app, [*args[:5], "--layers", "0"])
     assert result.exit_code == 2 and "layers must be >= 1" in result.output
+    result = CliRunner().invoke(app, [*args[:5], "--patch-size", "4"])
+    assert result.exit_code == 2 and "patch_size must be 1 or 2" in result.output
 
 
 def test_latent_object_cover_takes_the_largest_coverage_each_latent_pixel_encodes():

@@ -129,7 +129,9 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
                                               "(lowest resolution first), e.g. 1,1,2 [default: uniform]."),
             layers: int = typer.Option(None, "--layers", help="DiT depth [default: the nano teacher preset's, 6]."),
             heads: int = typer.Option(None, "--heads", help="DiT attention heads of width 32 [default: the "
-                                      "preset's, 4]; a resumed run needs the same --layers / --heads."),
+                                      "preset's, 4]; a resumed run needs the same --layers / --heads / --patch-size."),
+            patch_size: int = typer.Option(None, "--patch-size", help="Latent pixels per token side: 2 (the "
+                                           "preset's) or 1 (four times the tokens) [default: 2]."),
             compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks "
                                                 "(dynamic shapes): the same losses, a faster step (1.27x on a "
                                                 "2-core CPU) after a compile of about 2 minutes."),
@@ -142,7 +144,7 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
     from .teacher import TeacherRecipe
 
     try:
-        dit_config = teacher_dit_config(layers, heads)
+        dit_config = teacher_dit_config(layers, heads, patch_size)
         recipe = TeacherRecipe(text_dropout=text_dropout, shape_contrast=shape_contrast,
                                contrast_margin=contrast_margin, object_weight=object_weight,
                                pair_weight=pair_weight, pair_max_stage=pair_max_stage,

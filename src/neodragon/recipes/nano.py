@@ -420,10 +420,16 @@ def batch_flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchSchedule
                               batch.get("cover"), batch.get("twin_source"))
 
 
-def teacher_dit_config(layers: int | None = None, heads: int | None = None) -> dict:
-    """The nano teacher DiT's config, optionally deeper/shallower (``layers``) or wider/narrower (``heads`` of the
-    preset's head width). A resumed run must be given the same size."""
+def teacher_dit_config(layers: int | None = None, heads: int | None = None, patch_size: int | None = None) -> dict:
+    """The nano teacher DiT's config, optionally deeper/shallower (``layers``), wider/narrower (``heads`` of the
+    preset's head width) or with another ``patch_size`` (1: a token per latent pixel, four times the tokens). A
+    resumed run must be given the same size."""
     config = dict(nano_teacher_preset().dit)
+    if patch_size is not None:
+        if patch_size not in (1, 2):
+            raise ValueError(f"patch_size must be 1 or 2 (the nano latent's smallest stage is 4 x 4), "
+                             f"got {patch_size}.")
+        config["patch_size"] = patch_size
     if layers is not None:
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}.")
@@ -508,7 +514,7 @@ def _initial_dit(config: dict, init_from: str | Path | None) -> PyramidMMDiT:
     if mismatched:
         raise ValueError(f"{init_from} is not a nano teacher DiT of this size: config differs in {mismatched} "
                          "(--init-from takes a `train teacher` final/ folder or a bundle's transformer folder; give "
-                         "the --heads it was trained with, and --layers at least its depth).")
+                         "the --heads and --patch-size it was trained with, and --layers at least its depth).")
     return dit
 
 
