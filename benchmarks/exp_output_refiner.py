@@ -23,8 +23,8 @@ from torch import nn
 
 import neodragon.recipes.nano as nano
 from neodragon.models.mmdit import PyramidMMDiT
+from neodragon.recipes.cli import _config
 from neodragon.recipes.teacher import TeacherRecipe
-from neodragon.recipes.training import TrainConfig
 
 
 def add_refiner(dit: PyramidMMDiT, width: int) -> PyramidMMDiT:
@@ -38,7 +38,7 @@ def add_refiner(dit: PyramidMMDiT, width: int) -> PyramidMMDiT:
 
     def forward_stage(self, clips, context, text_mask, temb):
         velocity = plain(self, clips, context, text_mask, temb)
-        batch, _, frames, height, width_ = velocity.shape
+        batch, frames = velocity.shape[0], velocity.shape[2]
         x = torch.cat([velocity, clips[-1].to(velocity.dtype)], 1).transpose(1, 2).flatten(0, 1)
         correction = self.refiner_out(F.silu(self.refiner_mid(F.silu(self.refiner_in(x)))))
         return velocity + correction.unflatten(0, (batch, frames)).transpose(1, 2)
@@ -58,9 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     plain_initial = nano._initial_dit
     nano._initial_dit = lambda config, init_from: add_refiner(plain_initial(config, init_from), args.width)
-    # the settings `train teacher` uses for these options (batch 16, 500 warm-up steps capped at a tenth, seed 0)
-    config = TrainConfig(output_dir=str(args.output), max_steps=args.steps, batch_size=16, learning_rate=args.lr,
-                         save_every=500, seed=0, warmup_steps=min(500, max(1, args.steps // 10)))
+    # `train teacher`'s own config for batch 16, --save-every 500, seed 0 and its 500 warm-up steps
+    config = _config(args.output, args.steps, 16, args.lr, 500, 0, 500)
     nano.train_teacher(config, [args.latents], TeacherRecipe(), args.init_from)
 
 
