@@ -28,6 +28,7 @@ from neodragon.recipes.nano import (
     grow_depth,
     latent_object_cover,
     object_crop_offset,
+    respace_positions,
     start_nearly_deterministic,
     teacher_dit_config,
     train_teacher,
@@ -399,12 +400,12 @@ def test_teacher_size_options_train_export_and_load(vae_run, latents, tmp_path):
     from neodragon.recipes.cli import app
 
     args = ["teacher", "--latents", str(latents), "-o", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
-            "--layers", "2", "--heads", "2", "--patch-size", "1"]
+            "--layers", "2", "--heads", "2", "--patch-size", "1", "--sample-size", "32"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     dit = PyramidMMDiT.from_pretrained(tmp_path / "run" / "final")
     assert (dit.config.num_layers, dit.config.num_attention_heads, dit.config.caption_projection_dim,
-            dit.config.patch_size) == (2, 2, 64, 1)
+            dit.config.patch_size, dit.config.sample_size) == (2, 2, 64, 1, 32)
     assert sum(p.numel() for p in dit.parameters()) < sum(
         p.numel() for p in PyramidMMDiT(**nano_teacher_preset().dit).parameters())
     pipe = NeodragonPipeline.from_pretrained(export_teacher(vae_run[0] / "final", tmp_path / "run" / "final",
@@ -416,10 +417,31 @@ def test_teacher_size_options_train_export_and_load(vae_run, latents, tmp_path):
     assert latent.shape == (1, 8, 2, 16, 16) and torch.isfinite(latent).all()  # a token per latent pixel samples
     with pytest.raises(ValueError, match="give the --heads and --patch-size it was trained with"):  # another size
         train_teacher(config(tmp_path / "bad", 1), latents, init_from=tmp_path / "run" / "final")
+    train_teacher(config(tmp_path / "respaced", 1), latents, init_from=tmp_path / "run" / "final",
+                  dit_config=teacher_dit_config(2, 2, 1, sample_size=16))  # another position table only: allowed
+    assert PyramidMMDiT.from_pretrained(tmp_path / "respaced" / "final").config.sample_size == 16
+    continued = tmp_path / "continued"  # the CLI keeps --init-from's table unless told otherwise
+    result = CliRunner().invoke(app, [*args[:4], str(continued), *args[5:-2],
+                                      "--init-from", str(tmp_path / "run" / "final")])
+    assert result.exit_code == 0, result.output
+    assert PyramidMMDiT.from_pretrained(continued / "final").config.sample_size == 32
     result = CliRunner().invoke(app, [*args[:5], "--layers", "0"])
     assert result.exit_code == 2 and "layers must be >= 1" in result.output
     result = CliRunner().invoke(app, [*args[:5], "--patch-size", "4"])
     assert result.exit_code == 2 and "patch_size must be 1 or 2" in result.output
+    result = CliRunner().invoke(app, [*args[:5], "--sample-size", "1"])
+    assert result.exit_code == 2 and "sample_size must be at least the patch size" in result.output
+
+
+def test_respace_positions_rebuilds_only_the_position_table():
+    dit = PyramidMMDiT(**{**nano_teacher_preset().dit, "num_layers": 2})
+    respaced = respace_positions(dit, 64)
+    fresh = PyramidMMDiT(**{**nano_teacher_preset().dit, "num_layers": 2, "sample_size": 64})
+    assert respaced.config.sample_size == 64
+    assert torch.equal(respaced.pos_embed.pos_embed, fresh.pos_embed.pos_embed)
+    assert not torch.allclose(respaced.pos_embed.pos_embed, dit.pos_embed.pos_embed)
+    trained, kept = dict(dit.named_parameters()), dict(respaced.named_parameters())
+    assert trained.keys() == kept.keys() and all(torch.equal(trained[k], kept[k]) for k in trained)
 
 
 def test_latent_object_cover_takes_the_largest_coverage_each_latent_pixel_encodes():

@@ -132,6 +132,11 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
                                       "preset's, 4]; a resumed run needs the same --layers / --heads / --patch-size."),
             patch_size: int = typer.Option(None, "--patch-size", help="Latent pixels per token side: 2 (the "
                                            "preset's) or 1 (four times the tokens) [default: 2]."),
+            sample_size: int = typer.Option(None, "--sample-size", help="The DiT config's sample_size, which only "
+                                            "sets the spacing of its sincos position table: sample_size / patch "
+                                            "size / 16 per token (the preset's 16: 0.5); with --init-from of "
+                                            "another, the table is rebuilt and the weights kept [default: "
+                                            "--init-from's, else the preset's]."),
             compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks "
                                                 "(dynamic shapes): the same losses, a faster step (1.27x on a "
                                                 "2-core CPU) after a compile of about 2 minutes."),
@@ -143,8 +148,10 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
     from .nano import teacher_dit_config, train_teacher
     from .teacher import TeacherRecipe
 
+    if sample_size is None and init_from is not None and (init_from / "config.json").is_file():
+        sample_size = json.loads((init_from / "config.json").read_text()).get("sample_size")  # keep its table
     try:
-        dit_config = teacher_dit_config(layers, heads, patch_size)
+        dit_config = teacher_dit_config(layers, heads, patch_size, sample_size)
         recipe = TeacherRecipe(text_dropout=text_dropout, shape_contrast=shape_contrast,
                                contrast_margin=contrast_margin, object_weight=object_weight,
                                pair_weight=pair_weight, pair_max_stage=pair_max_stage,

@@ -420,11 +420,17 @@ def batch_flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchSchedule
                               batch.get("cover"), batch.get("twin_source"))
 
 
-def teacher_dit_config(layers: int | None = None, heads: int | None = None, patch_size: int | None = None) -> dict:
+def teacher_dit_config(layers: int | None = None, heads: int | None = None, patch_size: int | None = None,
+                       sample_size: int | None = None) -> dict:
     """The nano teacher DiT's config, optionally deeper/shallower (``layers``), wider/narrower (``heads`` of the
-    preset's head width) or with another ``patch_size`` (1: a token per latent pixel, four times the tokens). A
-    resumed run must be given the same size."""
+    preset's head width), with another ``patch_size`` (1: a token per latent pixel, four times the tokens) or another
+    ``sample_size``, which only sets the spacing of the fixed sincos position table: ``sample_size / patch_size /
+    pos_embed_max_size`` per token. A resumed run must be given the same size."""
     config = dict(nano_teacher_preset().dit)
+    if sample_size is not None:
+        if sample_size < config["patch_size"]:
+            raise ValueError(f"sample_size must be at least the patch size, got {sample_size}.")
+        config["sample_size"] = sample_size
     if patch_size is not None:
         if patch_size not in (1, 2):
             raise ValueError(f"patch_size must be 1 or 2 (the nano latent's smallest stage is 4 x 4), "
@@ -508,6 +514,8 @@ def _initial_dit(config: dict, init_from: str | Path | None) -> PyramidMMDiT:
     if init_from is None:
         return PyramidMMDiT(**config)
     dit = PyramidMMDiT.from_pretrained(init_from).float()
+    if dit.config.sample_size != config["sample_size"]:
+        dit = respace_positions(dit, config["sample_size"])
     mismatched = {k: (v, dit.config.get(k)) for k, v in config.items() if dit.config.get(k) != v}
     if set(mismatched) == {"num_layers"} and config["num_layers"] > dit.config.num_layers:
         return grow_depth(dit, config["num_layers"])
@@ -516,6 +524,17 @@ def _initial_dit(config: dict, init_from: str | Path | None) -> PyramidMMDiT:
                          "(--init-from takes a `train teacher` final/ folder or a bundle's transformer folder; give "
                          "the --heads and --patch-size it was trained with, and --layers at least its depth).")
     return dit
+
+
+def respace_positions(dit: PyramidMMDiT, sample_size: int) -> PyramidMMDiT:
+    """``dit`` with its fixed sincos position table rebuilt for ``sample_size`` (another spacing) and every trained
+    weight kept: the blocks then learn to read the new table."""
+    config = {key: value for key, value in dit.config.items() if not key.startswith("_")}
+    respaced = PyramidMMDiT(**{**config, "sample_size": sample_size})
+    state = {key: value for key, value in dit.state_dict().items() if key != "pos_embed.pos_embed"}
+    missing, unexpected = respaced.load_state_dict(state, strict=False)
+    assert missing == ["pos_embed.pos_embed"] and not unexpected, (missing, unexpected)
+    return respaced
 
 
 def grow_depth(dit: PyramidMMDiT, num_layers: int, seed: int = 0) -> PyramidMMDiT:
