@@ -145,11 +145,12 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
                                             "checkpoint; final/ is then the average and final-raw/ the last "
                                             "weights [default: off].")) -> None:
     """Train the nano teacher DiT with pyramidal flow matching on cached latents."""
+    from ..models.mmdit import PyramidMMDiT
     from .nano import teacher_dit_config, train_teacher
     from .teacher import TeacherRecipe
 
     if sample_size is None and init_from is not None and (init_from / "config.json").is_file():
-        sample_size = json.loads((init_from / "config.json").read_text()).get("sample_size")  # keep its table
+        sample_size = PyramidMMDiT.load_config(init_from).get("sample_size")  # keep its table
     try:
         dit_config = teacher_dit_config(layers, heads, patch_size, sample_size)
         recipe = TeacherRecipe(text_dropout=text_dropout, shape_contrast=shape_contrast,
