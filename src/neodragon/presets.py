@@ -1,7 +1,15 @@
-"""Presets: the component configs of ``official`` (the release) and ``nano`` (tiny, trained on ShapesWorld).
+"""Presets: one name per model, each saying what it loads.
 
-``create_random_checkpoint`` writes a complete folder in the official layout with seeded random weights, which
-is how tests and benchmarks exercise the real loading path without the released weights.
+- ``nano``: whatever ships as the default model (today the nano teacher, trained on ShapesWorld, bundled).
+- ``nano-teacher``: the nano teacher (bundled), the model the compression recipes start from.
+- ``nano-student``: the student architecture the recipes compress into (DT5 + ContextAdapter text stack, a
+  lighter decoder); untrained until a recipe trains it, so it loads with random weights.
+- ``official-reduced``: the release's layout, classes and 16-channel latent at test size (random weights).
+
+The release itself (``official``) is not a preset: its checkpoint folder (a path or a hub id) loads directly, with
+the code defaults of every class being the release's configuration. ``create_random_checkpoint`` writes a complete
+folder in the official layout with seeded random weights, which is how tests and benchmarks exercise the real
+loading path without the released weights.
 """
 
 from __future__ import annotations
@@ -43,10 +51,11 @@ class Preset:
     modes: tuple[str, ...] = ("hybrid", "monolithic")
 
 
-def nano_preset() -> Preset:
-    """17 frames at 128x128 (2x SR to 256x256): 8-channel latent 3x16x16, a 6-block 128-wide DiT."""
+def nano_student_preset() -> Preset:
+    """The nano student: 17 frames at 128x128 (2x SR to 256x256), 8-channel latent 3x16x16, a 6-block 128-wide DiT
+    read through a DT5 + ContextAdapter text stack."""
     return Preset(
-        name="nano",
+        name="nano-student",
         dit=dict(sample_size=16, patch_size=2, in_channels=8, num_layers=6, attention_head_dim=32,
                  num_attention_heads=4, caption_projection_dim=128, pooled_projection_dim=48,
                  pos_embed_max_size=16, max_num_frames=32, joint_attention_dim=64),
@@ -72,8 +81,8 @@ def nano_teacher_preset() -> Preset:
 
     The encoder has no normalisation and the decoder is TAEHV-style: with per-frame GroupNorm (in the encoder
     or in the native causal decoder) the VAE stalled at mean-colour reconstructions on ShapesWorld's flat frames
-    (docs/results/nano-teacher.md)."""
-    student = nano_preset()
+    (docs/journal/nano-teacher.md)."""
+    student = nano_student_preset()
     return Preset(
         name="nano-teacher",
         dit={**student.dit, "use_context_embedder": True, "joint_attention_dim": 384, "pooled_projection_dim": 384},
@@ -81,19 +90,13 @@ def nano_teacher_preset() -> Preset:
         vae={**student.vae, "decoder_num_features": [96, 64, 48, 48]},
         text={"sentence_encoder": "all-MiniLM-L6-v2", "max_sequence_length": 32},
         super_resolution=student.super_resolution,
-        # 20 Euler steps per stage for frame 0: more named shapes than 8 at +36 DiT calls (nano-teacher.md, "more
-        # Euler steps for the first frame")
+        # 20 Euler steps per stage for frame 0: more named shapes than 8 at +36 DiT calls
+        # (docs/journal/nano-teacher.md)
         pipeline=replace(student.pipeline, modes={
             **student.pipeline.modes,
             "monolithic": replace(student.pipeline.modes["monolithic"], num_inference_steps=[20, 20, 20])}),
         modes=("monolithic",),
     )
-
-
-def official_preset() -> Preset:
-    """The released configuration (code defaults of the reference); the text stack is not random-buildable."""
-    return Preset(name="official", dit={}, context_adapter={}, vae={}, text={}, pipeline=PipelineConfig(),
-                  super_resolution=dict(num_channels=32, num_intermediate_layers=5))
 
 
 def reduced_official_preset() -> Preset:
@@ -171,18 +174,24 @@ def _write_tiny_ssd1b(root: Path, image_size: int) -> None:
         part.save_pretrained(root / SSD1B_SUBFOLDERS[name])
 
 
-PRESETS = {"nano": nano_preset, "nano-teacher": nano_teacher_preset, "official-reduced": reduced_official_preset}
+PRESETS = {"nano": nano_teacher_preset, "nano-teacher": nano_teacher_preset, "nano-student": nano_student_preset,
+           "official-reduced": reduced_official_preset}
+BUNDLED = {"nano": "nano", "nano-teacher": "nano"}  # preset -> its folder under weights/ (the default ships)
 
 
 def bundled_weights(name: str = "nano") -> Path | None:
-    """The checkpoint folder shipped inside the package, if its weights have been trained and bundled."""
-    folder = package_weights(name)
+    """The checkpoint folder shipped inside the package for preset ``name``; None for a preset without trained
+    weights."""
+    if name not in BUNDLED:
+        return None
+    folder = package_weights(BUNDLED[name])
     return folder if (folder / SUBFOLDERS["vae"]).is_dir() else None
 
 
 def load_pipeline(model: str = "nano", mode: str | None = None, torch_dtype: torch.dtype | None = None,
                   cache_dir: str | Path | None = None, **kwargs) -> NeodragonPipeline:
-    """``nano`` (bundled weights, else a seeded random-weight build with a warning), a folder or a hub id."""
+    """A preset name (bundled weights; a preset without them is built with seeded random weights, with a
+    warning), a checkpoint folder or a hub id."""
     if model in PRESETS:
         folder = bundled_weights(model)
         if folder is None:

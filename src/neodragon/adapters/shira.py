@@ -40,15 +40,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..models.mmdit import DIT_TARGETS
 from ..utils.video import atomic_path
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 STRATEGIES = ("struct", "random", "wm", "grad", "snip")
 FORMAT = "neodragon-shira/1"
 PEFT_PREFIX = "base_model.model."
-# Attention and feed-forward linears of every PyramidMMDiT block (the adapters' default targets).
-DIT_TARGETS = (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0"
-               r"|to_add_out)|ff(_context)?\.net\.(0\.proj|2))")
 
 
 # ---------------------------------------------------------------------------------------------- targets

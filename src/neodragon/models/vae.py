@@ -461,13 +461,21 @@ class TAEHVDecoder(nn.Module):
         return x.transpose(1, 2)
 
 
+LATENT_STATISTICS = ("image_latent_shift", "image_latent_scale", "video_latent_shift", "video_latent_scale")
+
+
 class AsymmetricCausalVideoVAE(ModelMixin, ConfigMixin):
     """Neodragon's video VAE: Pyramid-Flow's heavy causal encoder with a light decoder.
 
     ``encode`` maps ``[B, 3, 1 + 8k, H, W]`` video in [-1, 1] to a diagonal Gaussian over
-    ``[B, C, 1 + k, H / 8, W / 8]`` latents (un-normalised; the pipeline applies the shift/scale).
-    ``decode`` maps latents back to video with the TAEHV decoder (``decoder_type="taehv"``, the
-    released model) or a native causal decoder (``decoder_type="causal"``, e.g. for teacher VAEs).
+    ``[B, C, 1 + k, H / 8, W / 8]`` latents (un-normalised). ``decode`` maps latents back to video with the TAEHV
+    decoder (``decoder_type="taehv"``, the released model) or a native causal decoder (``decoder_type="causal"``,
+    e.g. for teacher VAEs).
+
+    The DiT works on normalised latents, ``(z - shift) * scale`` with the first latent frame under the image
+    constants and the later ones under the video constants (the causal encoder sees frame 0 alone);
+    ``normalize_latents`` / ``denormalize_latents`` apply them. The constants are config entries, like diffusers'
+    ``scaling_factor``; the release's config has none, so its reference values are the defaults.
     """
 
     @register_to_config
@@ -495,6 +503,10 @@ class AsymmetricCausalVideoVAE(ModelMixin, ConfigMixin):
         decoder_spatial_up_sample: Sequence[bool] = (True, True, True, False),
         decoder_temporal_up_sample: Sequence[bool] = (True, True, True, False),
         decoder_norm_num_groups: int = 32,
+        image_latent_shift: float = 0.1490,
+        image_latent_scale: float = 0.5430,
+        video_latent_shift: float = -0.2343,
+        video_latent_scale: float = 0.3031,
     ) -> None:
         super().__init__()
         if decoder_type not in ("taehv", "causal"):
@@ -535,6 +547,24 @@ class AsymmetricCausalVideoVAE(ModelMixin, ConfigMixin):
                 norm_num_groups=decoder_norm_num_groups,
                 act_fn=encoder_act_fn,
             )
+
+    def latent_statistics(self) -> dict[str, float]:
+        """The shift and scale constants of the normalised latent space, keyed as in the config."""
+        return {key: getattr(self.config, key) for key in LATENT_STATISTICS}
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents ``[B, C, T, h, w]`` -> the DiT's normalised latents (frame 0 with the image constants)."""
+        cfg = self.config
+        first = (latents[:, :, :1] - cfg.image_latent_shift) * cfg.image_latent_scale
+        rest = (latents[:, :, 1:] - cfg.video_latent_shift) * cfg.video_latent_scale
+        return torch.cat([first, rest], dim=2)
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``normalize_latents``."""
+        cfg = self.config
+        first = latents[:, :, :1] / cfg.image_latent_scale + cfg.image_latent_shift
+        rest = latents[:, :, 1:] / cfg.video_latent_scale + cfg.video_latent_shift
+        return torch.cat([first, rest], dim=2)
 
     def num_latent_frames(self, num_frames: int) -> int:
         """Latent frames for a ``1 + temporal_downsample_scale * k`` frame video."""

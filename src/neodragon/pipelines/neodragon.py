@@ -7,8 +7,9 @@ stage, no CFG); ``monolithic`` makes every frame with a multi-step DiT and class
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
+from safetensors import SafetensorError
 
 from ..models.context_adapter import ContextAdapter
 from ..models.first_frame import FirstFrameGenerator, SSD1BFirstFrameGenerator
@@ -24,7 +26,7 @@ from ..models.mmdit import PyramidMMDiT
 from ..models.sentence import SentenceTextEncoder, is_sentence_encoder_folder
 from ..models.sr import QuickSRNet
 from ..models.text import TextEncoderBundle, TextEncoding
-from ..models.vae import AsymmetricCausalVideoVAE
+from ..models.vae import LATENT_STATISTICS, AsymmetricCausalVideoVAE
 from ..schedulers import PyramidFlowMatchScheduler
 
 MODES = ("hybrid", "monolithic")
@@ -55,9 +57,10 @@ class ModeDefaults:
 
 @dataclass
 class PipelineConfig:
-    """Generation defaults and latent constants; ``pipeline_config.json`` in a checkpoint folder overrides them.
+    """Generation defaults; ``pipeline_config.json`` in a checkpoint folder overrides them.
 
-    The official release has no such file, so the defaults are the reference values (49 x 320 x 512).
+    The official release has no such file, so the defaults are the reference values (49 x 320 x 512). The latent
+    normalisation constants belong to the VAE (``AsymmetricCausalVideoVAE.normalize_latents``).
     """
 
     height: int = 320
@@ -70,10 +73,6 @@ class PipelineConfig:
     first_frame_width: int = 1024
     prompt_modifier: str = ", hyper quality, Ultra HD, 8K"
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    image_latent_shift: float = 0.1490
-    image_latent_scale: float = 0.5430
-    video_latent_shift: float = -0.2343
-    video_latent_scale: float = 0.3031
     modes: dict[str, ModeDefaults] = field(default_factory=lambda: {
         "hybrid": ModeDefaults([1, 1, 1], [1, 1, 1], 0.0, 0.0),
         "monolithic": ModeDefaults([20, 20, 20], [10, 10, 10], 7.0, 5.0),
@@ -88,6 +87,14 @@ class PipelineConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it.") from err
+        moved = sorted(set(data) & set(LATENT_STATISTICS))
+        if moved:
+            raise ValueError(f"{path} holds the latent constants {moved}, which now live in the VAE's config: move "
+                             f"them into {SUBFOLDERS['vae']}/config.json (same keys) and delete them here.")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{path} has unknown keys {unknown}; remove them (known: "
+                             f"{', '.join(f.name for f in fields(cls))}).")
         modes = {name: ModeDefaults(**values) for name, values in data.pop("modes", {}).items()}
         config = cls(**data)
         config.modes.update(modes)
@@ -96,10 +103,6 @@ class PipelineConfig:
     def save(self, root: Path) -> None:
         (root / PIPELINE_CONFIG).write_text(json.dumps(asdict(self), indent=2))
 
-    def latent_statistics(self) -> dict[str, float]:
-        """The latent shift and scale constants, keyed as ``normalize_latents`` and ``latent_stats.json`` key them."""
-        return {key: getattr(self, key) for key in ("image_latent_shift", "image_latent_scale",
-                                                    "video_latent_shift", "video_latent_scale")}
 
 
 @dataclass
@@ -147,6 +150,7 @@ class NeodragonPipeline(DiffusionPipeline):
     """Text-to-video with a pyramidal-flow MMDiT; see the module docstring for the two modes."""
 
     model_cpu_offload_seq = "text_encoder->context_adapter->transformer->vae->super_resolution"
+    _optional_components = ["context_adapter", "first_frame_generator", "super_resolution"]
 
     def __init__(self, text_encoder: TextEncoderBundle | SentenceTextEncoder, context_adapter: ContextAdapter | None,
                  transformer: PyramidMMDiT,
@@ -156,9 +160,9 @@ class NeodragonPipeline(DiffusionPipeline):
         super().__init__()
         _check_mode(mode)
         self.register_modules(text_encoder=text_encoder, context_adapter=context_adapter, transformer=transformer,
-                              vae=vae, scheduler=scheduler, super_resolution=super_resolution)
+                              vae=vae, scheduler=scheduler, first_frame_generator=first_frame_generator,
+                              super_resolution=super_resolution)
         self.mode = mode
-        self.first_frame_generator = first_frame_generator
         self.pipeline_config = pipeline_config or PipelineConfig()
 
     # -- loading and saving -----------------------------------------------------------------------------
@@ -189,9 +193,7 @@ class NeodragonPipeline(DiffusionPipeline):
         scheduler_dir = root / "scheduler"
         scheduler = (PyramidFlowMatchScheduler.from_pretrained(scheduler_dir) if scheduler_dir.is_dir()
                      else PyramidFlowMatchScheduler())  # the release builds its scheduler from code defaults
-        first_frame = None
-        if mode == "hybrid":
-            first_frame = _load_first_frame(root, config, parts, scheduler, dtype_kw)
+        first_frame = _load_first_frame(root, config, dtype_kw) if mode == "hybrid" else None
         return cls(scheduler=scheduler, mode=mode, first_frame_generator=first_frame, pipeline_config=config, **parts)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
@@ -206,7 +208,7 @@ class NeodragonPipeline(DiffusionPipeline):
         self.scheduler.save_pretrained(root / "scheduler")
         if self.super_resolution is not None:
             self.super_resolution.save_pretrained(root / SUBFOLDERS["super_resolution"])
-        if isinstance(self.first_frame_generator, (SSD1BFirstFrameGenerator, PyramidFirstFrameGenerator)):
+        if self.first_frame_generator is not None:
             self.first_frame_generator.save_pretrained(root)
         self.pipeline_config.save(root)
 
@@ -250,9 +252,11 @@ class NeodragonPipeline(DiffusionPipeline):
         """Generate one video per prompt.
 
         Step counts are per pyramid stage (an int means the same for every stage); unit 0 (the first latent
-        frame) uses ``num_inference_steps``/``guidance_scale`` and later units the ``video_*`` values. CFG runs
-        wherever the applicable guidance scale is > 1. ``callback_on_step_end(pipe, step, timestep, state)``
-        gets ``state = {"latents", "unit", "stage"}`` and may return ``{"latents": ...}`` to replace them.
+        frame) uses ``num_inference_steps``/``guidance_scale`` and later units the ``video_*`` values, which default
+        to the unit-0 values given in the call, else to the mode's defaults (as `neodragon generate --steps` and
+        ``--guidance`` do). CFG runs wherever the applicable guidance scale is > 1.
+        ``callback_on_step_end(pipe, step, timestep, state)`` gets ``state = {"latents", "unit", "stage"}`` and may
+        return ``{"latents": ...}`` to replace them.
         """
         plan = self._plan(prompt, num_frames, height, width, num_inference_steps, video_num_inference_steps,
                           guidance_scale, video_guidance_scale, prompt_modifier)
@@ -261,15 +265,15 @@ class NeodragonPipeline(DiffusionPipeline):
         if super_resolution and self.super_resolution is None:
             raise ValueError("This checkpoint has no super_resolution/ component; generate without SR.")
 
+        negative = self.pipeline_config.negative_prompt if negative_prompt is None else negative_prompt
         cond = self.encode_prompt(plan.prompts)
         uncond = None
         if any(plan.guidance(unit) > 1.0 for unit in plan.units):
-            negative = self.pipeline_config.negative_prompt if negative_prompt is None else negative_prompt
             uncond = self.encode_prompt([negative] * len(plan.prompts))
 
         generated = []
         if self.mode == "hybrid":
-            generated.append(self._first_frame_latent(plan.prompts, plan.height, plan.width, generator))
+            generated.append(self._first_frame_latent(plan.prompts, negative, plan.height, plan.width, generator))
         stage0_noise = self.prepare_noise(len(plan.prompts), plan.latent_frames, plan.height, plan.width, generator)
         pyramids = [self.scheduler.latent_pyramid(frame) for frame in generated]  # each frame resized once
         with self.progress_bar(total=sum(sum(plan.steps(unit)) for unit in plan.units)) as progress:
@@ -299,8 +303,12 @@ class NeodragonPipeline(DiffusionPipeline):
         self._check_geometry(num_frames, height, width)
         stages = self.scheduler.config.stages
         modifier = cfg.prompt_modifier if prompt_modifier is None else prompt_modifier
+        prompts = [p + modifier for p in _check_prompts(prompt)]
+        self._warn_truncated(prompts)
+        video_steps = steps if video_steps is None else video_steps
+        video_guidance = guidance if video_guidance is None else video_guidance
         return _Plan(
-            prompts=[p + modifier for p in _check_prompts(prompt)], height=height, width=width,
+            prompts=prompts, height=height, width=width,
             latent_frames=(num_frames - 1) // self.vae.config.temporal_downsample_scale + 1,
             first_unit=1 if self.mode == "hybrid" else 0,
             stage_steps=(_steps(steps, defaults.num_inference_steps, stages),
@@ -309,13 +317,27 @@ class NeodragonPipeline(DiffusionPipeline):
                     defaults.video_guidance_scale if video_guidance is None else video_guidance),
         )
 
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        """Say when a prompt is longer than the text encoder reads, and by how much (it would be cut silently)."""
+        limit = self.text_encoder.max_sequence_length
+        for index, count in enumerate(self.text_encoder.token_counts(prompts)):
+            if count > limit:
+                where = f"Prompt {index + 1}" if len(prompts) > 1 else "The prompt"
+                warnings.warn(f"{where} is {count} tokens long, but the text encoder reads only the first {limit}: "
+                              f"the last {count - limit} tokens are ignored. Shorten it to keep all of it.",
+                              UserWarning, stacklevel=4)
+
     def encode_prompt(self, prompts: list[str]) -> _Conditioning:
         """Text stack (tokens, mask, pooled), then the ContextAdapter on the token stream when there is one (a
         DiT with a ``context_embedder`` takes the raw tokens)."""
+        return self.encode_prompt_with(prompts, self.context_adapter)
+
+    def encode_prompt_with(self, prompts: list[str], adapter: ContextAdapter | None) -> _Conditioning:
+        """``encode_prompt`` through another DiT's ContextAdapter (a first-frame generator's own pair)."""
         encoding: TextEncoding = self.text_encoder.encode(prompts)
         dtype, context = self.transformer.dtype, encoding.tokens.to(self.device)
-        if self.context_adapter is not None:
-            context = self.context_adapter(context.to(self.context_adapter.dtype))
+        if adapter is not None:
+            context = adapter(context.to(adapter.dtype))
         return _Conditioning(context.to(dtype), encoding.mask.to(self.device), encoding.pooled.to(self.device, dtype))
 
     def prepare_noise(self, batch: int, latent_frames: int, height: int, width: int,
@@ -330,15 +352,14 @@ class NeodragonPipeline(DiffusionPipeline):
     def sample_unit(self, latents: torch.Tensor, history: list[list[torch.Tensor]] | None, cond: _Conditioning,
                     steps: list[int], guidance_scale: float, generator: torch.Generator | None = None,
                     unit: int = 0, progress=None, callback: Callable | None = None,
-                    first_stage: int = 0) -> torch.Tensor:
-        """Generate one latent frame through the pyramid stages: Euler steps per stage, then upsample+renoise.
-
-        ``latents`` are at ``first_stage``'s resolution (0: the stage-0 noise; later stages let a diagnosis start
-        from a given lower-stage latent)."""
+                    transformer: PyramidMMDiT | None = None) -> torch.Tensor:
+        """Generate one latent frame from its stage-0 noise through the pyramid stages: Euler steps per stage, then
+        upsample+renoise. ``transformer`` is the pipeline's own unless a first-frame generator passes its DiT."""
+        transformer = transformer or self.transformer
         use_cfg = guidance_scale > 1.0
-        for stage in range(first_stage, len(steps)):
+        for stage in range(len(steps)):
             num_steps = steps[stage]
-            if stage > first_stage:
+            if stage > 0:
                 latents = self.scheduler.upsample_and_renoise(latents, stage, generator=generator)
             timesteps = self.scheduler.stage_timesteps(num_steps, stage)
             sigmas = self.scheduler.stage_sigmas(num_steps, stage).to(latents.dtype)
@@ -348,7 +369,7 @@ class NeodragonPipeline(DiffusionPipeline):
             for i, timestep in enumerate(timesteps):
                 model_input = torch.cat([latents, latents]) if use_cfg else latents
                 t = timestep.to(self.device, latents.dtype).expand(model_input.shape[0])
-                velocity = self.transformer([clips + [model_input]], cond.context, cond.mask, cond.pooled, t)[0]
+                velocity = transformer([clips + [model_input]], cond.context, cond.mask, cond.pooled, t)[0]
                 if use_cfg:
                     uncond, text = velocity.chunk(2)
                     velocity = uncond + guidance_scale * (text - uncond)
@@ -361,23 +382,24 @@ class NeodragonPipeline(DiffusionPipeline):
         return latents
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Un-normalise (frame 0 with the image constants, later frames with the video ones) and decode."""
-        cfg = self.pipeline_config
-        first = latents[:, :, :1] / cfg.image_latent_scale + cfg.image_latent_shift
-        rest = latents[:, :, 1:] / cfg.video_latent_scale + cfg.video_latent_shift
-        z = torch.cat([first, rest], dim=2).to(self.vae.dtype)
-        return self.vae.decode(z).sample.float()
+        """Un-normalise (``vae.denormalize_latents``) and decode."""
+        return self.vae.decode(self.vae.denormalize_latents(latents).to(self.vae.dtype)).sample.float()
 
-    def _first_frame_latent(self, prompts: list[str], height: int, width: int,
+    def _first_frame_latent(self, prompts: list[str], negative_prompt: str, height: int, width: int,
                             generator: torch.Generator | None) -> torch.Tensor:
+        """Frame 0 of hybrid mode as a normalised latent ``[B, C, 1, h, w]``, from the first-frame generator."""
         if self.first_frame_generator is None:
             raise ValueError("Hybrid mode needs a first-frame generator; load the checkpoint with mode='hybrid' "
                              "from a folder that has one, or use mode='monolithic'.")
-        image = self.first_frame_generator(prompts, height, width, generator=generator)
+        return self.first_frame_generator.first_frame_latents(self, prompts, negative_prompt, height, width,
+                                                              generator)
+
+    def encode_first_frame(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """An image ``[B, 3, H, W]`` in [-1, 1] as frame 0's normalised latent (a posterior sample, as in the
+        reference)."""
         image = image.to(self.device, self.vae.dtype).unsqueeze(2)
-        z = self.vae.encode(image).latent_dist.sample(generator=generator)  # stochastic, as in the reference
-        cfg = self.pipeline_config
-        return ((z - cfg.image_latent_shift) * cfg.image_latent_scale).to(self.transformer.dtype)
+        z = self.vae.encode(image).latent_dist.sample(generator=generator)
+        return self.vae.normalize_latents(z).to(self.transformer.dtype)
 
     def _check_geometry(self, num_frames: int, height: int, width: int) -> None:
         t_down = self.vae.config.temporal_downsample_scale
@@ -391,32 +413,40 @@ class NeodragonPipeline(DiffusionPipeline):
                              f"factor); got {height}x{width}.")
 
 
-class PyramidFirstFrameGenerator:
-    """Frame 0 from a multi-step DiT/adapter pair (the monolithic pair): text-to-image by pyramidal flow.
+class PyramidFirstFrameGenerator(torch.nn.Module):
+    """Frame 0 from the multi-step DiT/adapter pair (the monolithic pair): text-to-image by pyramidal flow, for
+    presets that have no separate image model. It samples in the pipeline's latent space, so no VAE round trip."""
 
-    Used by small presets that have no separate image model; it stands behind the same call as SSD-1B.
-    """
+    def __init__(self, transformer: PyramidMMDiT, context_adapter: ContextAdapter | None,
+                 num_inference_steps: list[int], guidance_scale: float):
+        super().__init__()
+        self.transformer, self.context_adapter = transformer, context_adapter
+        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
 
-    def __init__(self, pipe: NeodragonPipeline, steps: list[int], guidance_scale: float):
-        self.pipe, self.steps, self.guidance_scale = pipe, steps, guidance_scale
+    @classmethod
+    def from_pretrained(cls, root: str | Path, config: PipelineConfig,
+                        torch_dtype: torch.dtype | None = None) -> PyramidFirstFrameGenerator:
+        """The monolithic pair of a checkpoint folder, sampled with the monolithic mode's frame-0 defaults."""
+        dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        defaults = config.modes["monolithic"]
+        return cls(**_load_dit_pair(Path(root), "monolithic", dtype_kw),
+                   num_inference_steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale)
 
     def save_pretrained(self, root: str | Path) -> None:
-        self.pipe.transformer.save_pretrained(Path(root) / SUBFOLDERS["monolithic", "transformer"])
-        if self.pipe.context_adapter is not None:
-            self.pipe.context_adapter.save_pretrained(Path(root) / SUBFOLDERS["monolithic", "context_adapter"])
-
-    def to(self, *args, **kwargs) -> PyramidFirstFrameGenerator:
-        self.pipe.to(*args, **kwargs)
-        return self
+        self.transformer.save_pretrained(Path(root) / SUBFOLDERS["monolithic", "transformer"])
+        if self.context_adapter is not None:
+            self.context_adapter.save_pretrained(Path(root) / SUBFOLDERS["monolithic", "context_adapter"])
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], height: int, width: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        pipe = self.pipe
-        latents = pipe(prompts, num_frames=1, height=height, width=width, num_inference_steps=self.steps,
-                       guidance_scale=self.guidance_scale, prompt_modifier="", generator=generator,
-                       output_type="latent").frames
-        return pipe.decode_latents(latents)[:, :, 0].clamp(-1, 1)
+    def first_frame_latents(self, pipe: NeodragonPipeline, prompts: list[str], negative_prompt: str, height: int,
+                            width: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        use_cfg = self.guidance_scale > 1.0
+        cond = pipe.encode_prompt_with(prompts, self.context_adapter)
+        if use_cfg:
+            cond = pipe.encode_prompt_with([negative_prompt] * len(prompts), self.context_adapter).cat(cond)
+        noise = pipe.prepare_noise(len(prompts), 1, height, width, generator)
+        return pipe.sample_unit(noise, None, cond, self.num_inference_steps, self.guidance_scale, generator,
+                                transformer=self.transformer)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -446,7 +476,7 @@ def _load(cls, root: Path, subfolder: str, dtype_kw: dict):
                                 f"{cls.__name__}. Check the path, or re-create the folder with save_pretrained.")
     try:
         return cls.from_pretrained(root / subfolder, **dtype_kw)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # SafetensorError: a truncated file
         raise ValueError(f"Could not load {cls.__name__} from {root / subfolder}: {err}. Check that config.json "
                          "and the weights belong to the same model and that the weight file is complete "
                          "(re-download or re-export the component).") from err
@@ -465,20 +495,14 @@ def _load_dit_pair(root: Path, mode: str, dtype_kw: dict) -> dict:
     return {"transformer": transformer, "context_adapter": _load(ContextAdapter, root, adapter_dir, dtype_kw)}
 
 
-def _load_first_frame(root: Path, config: PipelineConfig, parts: dict, scheduler: PyramidFlowMatchScheduler,
-                      dtype_kw: dict) -> FirstFrameGenerator:
+def _load_first_frame(root: Path, config: PipelineConfig, dtype_kw: dict) -> FirstFrameGenerator:
     if config.first_frame == "ssd_1b":
         return SSD1BFirstFrameGenerator.from_pretrained(root, image_height=config.first_frame_height,
                                                         image_width=config.first_frame_width, **dtype_kw)
-    if config.first_frame != "pyramid_dit":
-        raise ValueError(f"Unknown first_frame {config.first_frame!r} in {root / PIPELINE_CONFIG}; "
-                         "use 'ssd_1b' or 'pyramid_dit'.")
-    pair = _load_dit_pair(root, "monolithic", dtype_kw)
-    shared = {name: parts[name] for name in ("text_encoder", "vae")}
-    image_pipe = NeodragonPipeline(scheduler=scheduler, mode="monolithic", pipeline_config=config, **shared, **pair)
-    image_pipe.set_progress_bar_config(disable=True)
-    defaults = config.modes["monolithic"]
-    return PyramidFirstFrameGenerator(image_pipe, defaults.num_inference_steps, defaults.guidance_scale)
+    if config.first_frame == "pyramid_dit":
+        return PyramidFirstFrameGenerator.from_pretrained(root, config, **dtype_kw)
+    raise ValueError(f"Unknown first_frame {config.first_frame!r} in {root / PIPELINE_CONFIG}; "
+                     "use 'ssd_1b' or 'pyramid_dit'.")
 
 
 def _check_mode(mode: str) -> None:

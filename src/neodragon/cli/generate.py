@@ -1,0 +1,132 @@
+"""``neodragon generate``: a video from a text prompt, written as an mp4 (and optionally a preview)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import typer
+
+from .errors import check_new_output, console, fail, warn
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def parse_steps(value: str | None) -> int | list[int] | None:
+    """``"4"`` -> 4, ``"20,20,20"`` -> [20, 20, 20]; None stays None."""
+    if value is None:
+        return None
+    try:
+        steps = [int(v) for v in value.split(",")]
+    except ValueError as err:
+        raise typer.BadParameter(f"an int or one int per stage like 20,20,20; got {value!r}") from err
+    return steps[0] if len(steps) == 1 else steps
+
+
+def quiet_loading() -> None:
+    """Per-file loading bars of transformers/diffusers would drown the generation progress bar."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def checkpoint_root(model: str) -> Path | None:
+    """The local folder ``model`` loads from; None for a preset without bundled weights."""
+    from ..pipelines.neodragon import resolve_checkpoint
+    from ..presets import PRESETS, bundled_weights
+
+    return bundled_weights(model) if model in PRESETS else resolve_checkpoint(model)
+
+
+def generate(
+    prompt: str = typer.Argument(..., help="What the video shows, e.g. 'a red circle moving to the right'."),
+    output: Path = typer.Option(Path("out.mp4"), "-o", "--output", help="Where to write the mp4."),
+    model: str = typer.Option("nano", "--model", help="A preset ('nano', the bundled default; see `neodragon info`), "
+                              "a checkpoint folder, or a hub id."),
+    mode: str = typer.Option(None, "--mode", help="hybrid or monolithic (default: the model's)."),
+    num_frames: int = typer.Option(None, "--num-frames", help="1 + 8k frames (default: the model's)."),
+    height: int = typer.Option(None, "--height", help="Video height in pixels, a multiple of 64 (default: the "
+                               "model's)."),
+    width: int = typer.Option(None, "--width", help="Video width in pixels, a multiple of 64 (default: the model's)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same video."),
+    steps: str = typer.Option(None, "--steps", help="Steps per pyramid stage for every frame, e.g. 20,20,20 or 4 "
+                              "(default: the model's)."),
+    video_steps: str = typer.Option(None, "--video-steps", help="Steps per stage for the frames after the first "
+                                    "(default: --steps, else the model's)."),
+    guidance: float = typer.Option(None, "--guidance", help="CFG scale for every frame (> 1 enables CFG) (default: "
+                                   "the model's)."),
+    video_guidance: float = typer.Option(None, "--video-guidance", help="CFG scale for the frames after the first "
+                                         "(default: --guidance, else the model's)."),
+    negative_prompt: str = typer.Option(None, "--negative-prompt", help="What CFG steers away from (default: the "
+                                        "model's)."),
+    sr: bool = typer.Option(False, "--sr/--no-sr", help="2x super-resolution (needs a super_resolution/ model)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    fps: int = typer.Option(None, "--fps", help="Frames per second of the mp4 (default: the model's)."),
+    preview: Path = typer.Option(None, "--preview", help="Also write a contact sheet (.png) or animation (.gif)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    adapter: list[str] = typer.Option(None, "--adapter", metavar="FOLDER|NAME",
+                                      help="A trained adapter folder (the final/ of `neodragon adapter train`) or "
+                                      "the name of one the model ships (`neodragon info`); repeat to apply several "
+                                      "together."),
+) -> None:
+    """Generate a video from a text prompt and write it as an mp4."""
+    started = time.perf_counter()
+    if output.suffix.lower() != ".mp4":
+        fail(f"--output must end with .mp4; got {output}")
+    if preview is not None and preview.suffix.lower() not in (".png", ".gif"):
+        fail(f"--preview must end with .png or .gif; got {preview}")
+    for path in (output, preview):
+        check_new_output(path, overwrite)
+    if dtype not in DTYPES:
+        fail(f"--dtype must be one of {', '.join(sorted(set(DTYPES)))}; got {dtype!r}")
+    step_list, video_step_list = parse_steps(steps), parse_steps(video_steps)
+
+    import torch
+
+    from ..presets import load_pipeline
+    from ..utils.video import export_to_video, save_preview
+
+    quiet_loading()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        pipe = load_pipeline(model, mode=mode, torch_dtype=getattr(torch, DTYPES[dtype]))
+        if adapter:
+            _attach_adapters(pipe, model, adapter)
+        pipe.to(device)
+        generation_started = time.perf_counter()
+        frames = pipe(
+            prompt, num_frames=num_frames, height=height, width=width, num_inference_steps=step_list,
+            video_num_inference_steps=video_step_list, guidance_scale=guidance,
+            video_guidance_scale=video_guidance, negative_prompt=negative_prompt, super_resolution=sr,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).frames[0]
+        generation_s = time.perf_counter() - generation_started
+    for warning in caught:
+        if issubclass(warning.category, UserWarning) and ("weights" in str(warning.message)
+                                                          or "tokens" in str(warning.message)):
+            warn(str(warning.message))
+    fps = fps or pipe.pipeline_config.fps
+    export_to_video(frames, output, fps=fps, overwrite=overwrite)
+    if preview is not None:
+        save_preview(frames, preview, fps=fps, overwrite=overwrite)
+    width_px, height_px = frames[0].size
+    written = f"{output} and {preview}" if preview is not None else str(output)
+    console.print(f"wrote {written}: {len(frames)} frames {width_px}x{height_px} @ {fps} fps, mode {pipe.mode}, "
+                  f"seed {seed}; generation {generation_s:.1f} s, whole command {time.perf_counter() - started:.1f} s",
+                  highlight=False, markup=False)
+
+
+def _attach_adapters(pipe, model: str, adapters: list[str]) -> None:
+    from ..adapters.loading import attach_trained_adapters, find_adapter
+
+    try:
+        attach_trained_adapters(pipe, [find_adapter(a, checkpoint_root(model)) for a in adapters])
+    except RuntimeError as err:  # PEFT's state-dict size mismatch
+        fail(f"an adapter does not fit this model ({str(err).splitlines()[0]}); use adapters trained for "
+             f"--model {model}.")

@@ -1,0 +1,57 @@
+"""``neodragon info``: the components of a model (class, parameters, size, dtypes), its defaults and adapters."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .generate import checkpoint_root, quiet_loading
+
+
+def info(
+    model: str = typer.Argument("nano", help="A preset (nano, nano-teacher, nano-student, official-reduced), a "
+                                "checkpoint folder, or a hub id."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Components of a model: class, parameter count, size on disk, dtypes and config; the adapters it ships."""
+    from ..adapters.loading import checkpoint_adapters, read_info
+    from ..presets import PRESETS, create_random_checkpoint
+    from ..utils.checkpoint import describe_checkpoint
+
+    quiet_loading()
+    with tempfile.TemporaryDirectory() as tmp:
+        source = model
+        folder = checkpoint_root(model)
+        if folder is None:
+            folder, source = create_random_checkpoint(PRESETS[model](), tmp), f"{model} (random weights, untrained)"
+        components = describe_checkpoint(folder)
+        pipeline_config = folder / "pipeline_config.json"
+        defaults = json.loads(pipeline_config.read_text()) if pipeline_config.is_file() else None
+        adapters = {name: {k: read_info(path)[k] for k in ("method", "component", "style", "parameters")}
+                    for name, path in checkpoint_adapters(folder).items()}
+    if as_json:
+        typer.echo(json.dumps({"model": source, "pipeline_config": defaults, "adapters": adapters,
+                               "components": [vars(c) for c in components]}, indent=2, default=str))
+        return
+    out = Console()
+    table = Table(title=f"neodragon model: {source}")
+    for column in ("component", "class", "parameters", "size", "dtypes"):
+        table.add_column(column, justify="right" if column in ("parameters", "size") else "left")
+    for c in components:
+        name = f"{c.class_name} ({c.referenced})" if c.referenced else c.class_name
+        table.add_row(c.name, name, f"{c.num_elements:,}" if c.num_elements else "-",
+                      f"{c.bytes_on_disk / 2**20:.2f} MiB", ",".join(c.dtypes) or "-")
+    out.print(table)
+    total = sum(c.num_elements for c in components)
+    out.print(f"total: {total:,} tensor elements, {sum(c.bytes_on_disk for c in components) / 2**20:.2f} MiB"
+              + (" (including the installed text encoder it references)" if any(c.referenced for c in components)
+                 else ""))
+    for name, a in adapters.items():
+        out.print(f"adapter [bold]{name}[/]: {a['method']} on the {a['component']}, style {a['style']}, "
+                  f"{a['parameters']:,} numbers (generate --adapter {name})")
+    if defaults:
+        out.print_json(json.dumps(defaults))
