@@ -44,10 +44,11 @@ from diffusers.utils import logging as diffusers_logging
 
 from neodragon.adapters.foura import FouraConfig
 from neodragon.adapters.lora import lora_param_count, matching_lora_config, matching_lora_ranks
-from neodragon.adapters.shira import DIT_TARGETS, MaskSpec, ShiraAdapter, add_shira, build_shira, find_targets
+from neodragon.adapters.shira import MaskSpec, ShiraAdapter, add_shira, build_shira, find_targets
 from neodragon.adapters.switching import AdapterSwitcher
 from neodragon.models import PyramidMMDiT
-from neodragon.presets import nano_preset
+from neodragon.models.mmdit import DIT_TARGETS
+from neodragon.presets import nano_student_preset
 from neodragon.schedulers import PyramidFlowMatchScheduler
 
 TRAIN_METHODS = ("full", "shira", "lora", "foura", "foura-adaptive")
@@ -286,7 +287,7 @@ def attach(method: str, dit: PyramidMMDiT, rank: int) -> torch.nn.Module:
 def make_trainer(method: str, args: argparse.Namespace) -> tuple[int, Callable[[], None]]:
     """(trainable parameter count, one training step) of a method on the seeded nano DiT."""
     torch.manual_seed(0)
-    model = attach(method, PyramidMMDiT(**nano_preset().dit).train(), args.train_rank)
+    model = attach(method, PyramidMMDiT(**nano_student_preset().dit).train(), args.train_rank)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     inputs, target = nano_batch(args.train_batch)
@@ -338,8 +339,9 @@ def bench_training(args: argparse.Namespace, report: Report, save: Callable[[], 
                             f"| {ms / lora_ms:.2f}x | {mem['peak_rss_mib'] - mem['base_rss_mib']:,.1f} | "
                             f"{mem['base_rss_mib']:,.0f} | {how[method]} |")
     report.train_notes = [
-        f"- nano DiT (`PyramidMMDiT(**nano_preset().dit)`: 6 blocks x 128, "
-        f"{sum(p.numel() for p in PyramidMMDiT(**nano_preset().dit).parameters()):,} parameters), `DIT_TARGETS`, "
+        f"- nano DiT (`PyramidMMDiT(**nano_student_preset().dit)`: 6 blocks x 128, "
+        f"{sum(p.numel() for p in PyramidMMDiT(**nano_student_preset().dit).parameters()):,} parameters), "
+        "`DIT_TARGETS`, "
         f"budget r = {args.train_rank} (r x (in + out) per layer, {budget:,} trainable entries).",
         f"- Batch {args.train_batch}, stage-2 input: history clips [B, 8, 1, 8, 8] + [B, 8, 1, 16, 16] from "
         "`build_history` of two frames, current clip [B, 8, 1, 16, 16] (144 image tokens), 32 text tokens "
@@ -366,7 +368,7 @@ def bench_files(args: argparse.Namespace, report: Report, save: Callable[[], Non
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for rank in (1, args.train_rank):
-            dit = PyramidMMDiT(**nano_preset().dit)
+            dit = PyramidMMDiT(**nano_student_preset().dit)
             shira = build_shira(dit, MaskSpec(strategy="random", r=rank))
             ours = shira.save(tmp / f"s{rank}.safetensors")
             peft_folder = shira.to_peft(tmp / f"p{rank}")
@@ -375,7 +377,7 @@ def bench_files(args: argparse.Namespace, report: Report, save: Callable[[], Non
                          (peft_folder / "adapter_model.safetensors").stat().st_size}
             for name, config in (("LoRA (PEFT)", matching_lora_config(shira)),
                                  ("FouRA (PEFT, no gate)", FouraConfig(r=rank, target_modules=DIT_TARGETS))):
-                model = get_peft_model(PyramidMMDiT(**nano_preset().dit), config)
+                model = get_peft_model(PyramidMMDiT(**nano_student_preset().dit), config)
                 model.save_pretrained(tmp / f"{name[:4]}{rank}")
                 sizes[name] = (tmp / f"{name[:4]}{rank}" / "adapter_model.safetensors").stat().st_size
             for name, size in sizes.items():
@@ -429,11 +431,11 @@ STYLE_REPORTS = {"adapters-style-decoder.md": "on the VAE decoder (style transfe
 
 
 def style_adapter_section(folder: Path) -> list[str]:
-    """Section 4: the style-adapter experiments of ``benchmarks/exp_style_adapters.py``, linked, with the tables and
+    """Section 4: the style-adapter experiments of ``benchmarks/bench_style_adapters.py``, linked, with the tables and
     the contact sheet of the decoder run (the one whose adapters learn their styles) copied in."""
     lines = ["", "## 4. Style adapters on the nano teacher", "",
              "Style strength, content preservation, diversity and two-style fusion (concept loss) of SHiRA, LoRA and "
-             "FouRA at an equal budget, written by `benchmarks/exp_style_adapters.py`: "
+             "FouRA at an equal budget, written by `benchmarks/bench_style_adapters.py`: "
              + "; ".join(f"[{name}]({name}) {what}" for name, what in STYLE_REPORTS.items()) + ". What they show, "
              "and why fused styles interfere: [style-adapter-findings.md](style-adapter-findings.md)."]
     decoder = folder / "adapters-style-decoder.md"

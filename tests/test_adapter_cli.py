@@ -5,12 +5,12 @@ from peft import get_peft_model
 from test_shira import randomized, tiny_dit
 from typer.testing import CliRunner
 
-from neodragon.adapters.cli import app
 from neodragon.adapters.foura import FouraConfig
 from neodragon.adapters.lora import lora_param_count, matching_lora_config, matching_lora_ranks
-from neodragon.adapters.shira import DIT_TARGETS, MaskSpec, ShiraAdapter, build_shira
-from neodragon.models.mmdit import PyramidMMDiT
-from neodragon.presets import nano_preset
+from neodragon.adapters.shira import MaskSpec, ShiraAdapter, build_shira
+from neodragon.cli.adapter import app
+from neodragon.models.mmdit import DIT_TARGETS, PyramidMMDiT
+from neodragon.presets import nano_student_preset
 
 runner = CliRunner()
 
@@ -31,7 +31,7 @@ def test_lora_and_foura_baselines_get_the_same_budget():
 
 def test_info_convert_and_fuse(tmp_path):
     torch.manual_seed(0)
-    nano = PyramidMMDiT(**nano_preset().dit)
+    nano = PyramidMMDiT(**nano_student_preset().dit)
     a = randomized(build_shira(nano, MaskSpec(r=1, strategy="wm")), seed=1)
     b = randomized(build_shira(nano, MaskSpec(r=1, strategy="random", target_modules=["to_q", "to_k"])), seed=2)
     a.save(tmp_path / "a.safetensors")

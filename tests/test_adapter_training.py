@@ -8,21 +8,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from neodragon.adapters.cli import app
+from neodragon.adapters.loading import attach_trained_adapters, load_adapter, read_info
 from neodragon.adapters.shira import ShiraLayer
-from neodragon.adapters.training import (
-    AdapterRecipe,
-    attach_trained_adapters,
-    encode_style_pairs,
-    encode_style_videos,
-    load_adapter,
-    read_info,
-    train_adapter,
-)
+from neodragon.adapters.training import AdapterRecipe, encode_style_pairs, encode_style_videos, train_adapter
+from neodragon.cli.adapter import app
 from neodragon.data import sample
 from neodragon.pipelines import NeodragonPipeline
 from neodragon.presets import create_random_checkpoint, nano_teacher_preset
-from neodragon.recipes.training import TrainConfig
+from neodragon.training.trainer import TrainConfig
 
 TINY = dict(num_videos=2, num_frames=9, height=64, width=64)  # 2 latent frames of 8x8: a unit with history
 

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from neodragon.cli.eval import app
 from neodragon.data import COLOURS, MOTIONS, SHAPES, STYLES, collate, sample
-from neodragon.eval.cli import app
 from neodragon.eval.judge import (
     Judge,
     export_judge,
@@ -223,7 +223,7 @@ def test_grid_blur_is_a_function_of_the_item_spares_half_and_keeps_still_frames_
 
 
 def test_train_judge_runs_saves_and_records_its_calibration(tmp_path):
-    from neodragon.recipes.training import TrainConfig
+    from neodragon.training.trainer import TrainConfig
 
     config = TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=2, learning_rate=1e-3, save_every=1,
                          log_every=1, seed=0)
@@ -235,6 +235,17 @@ def test_train_judge_runs_saves_and_records_its_calibration(tmp_path):
             "accuracy_heldout_grid_blurred"} <= set(calibration)
     assert calibration["fvd_noise"] > 0 and (tmp_path / "checkpoints").is_dir()
     assert not judge.training
+
+
+def test_train_judge_starts_from_the_seeds_weights_whatever_ran_before(tmp_path):
+    from neodragon.training.trainer import TrainConfig
+
+    states = []
+    for run in range(2):
+        torch.manual_seed(100 + run)  # what ran before in the process must not matter
+        config = TrainConfig(output_dir=str(tmp_path / str(run)), max_steps=0, batch_size=2, seed=3)
+        states.append(train_judge(config, eval_count=1, workers=0).state_dict())
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
 
 
 def test_judge_save_load_round_trip(tmp_path):
@@ -362,9 +373,9 @@ def test_evaluate_scores_real_videos_as_near_perfect():
 
 
 def test_cli_run_writes_json_and_markdown(tmp_path):
-    from neodragon.presets import create_random_checkpoint, nano_preset
+    from neodragon.presets import create_random_checkpoint, nano_student_preset
 
-    checkpoint = create_random_checkpoint(nano_preset(), tmp_path / "model")
+    checkpoint = create_random_checkpoint(nano_student_preset(), tmp_path / "model")
     prompts = save_prompt_set(load_prompt_set("nano-eval")[:2], tmp_path / "two.json", "two")
     out = tmp_path / "results.json"
     args = ["run", str(checkpoint), "--prompt-set", str(prompts), "--out", str(out), "--steps", "1",

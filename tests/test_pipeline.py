@@ -151,3 +151,65 @@ def test_hub_id_fails_clearly_offline(monkeypatch, tmp_path):
         resolve_checkpoint("neodragon-test/does-not-exist", cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="neither a checkpoint folder nor a hub id"):
         resolve_checkpoint(tmp_path / "no" / "such" / "folder")
+
+
+def test_video_steps_and_guidance_follow_the_calls_unit0_values(pipes):
+    """As `neodragon generate --steps 2`: the call's steps apply to every frame unless video steps are given."""
+    calls = []
+    generate(pipes["monolithic"], num_frames=17, num_inference_steps=2, video_num_inference_steps=None,
+             callback_on_step_end=lambda *a: calls.append(a[3]["unit"]))
+    assert calls == [unit for unit in range(3) for _ in range(3 * 2)]
+    calls.clear()
+    generate(pipes["monolithic"], num_frames=17, num_inference_steps=2, video_num_inference_steps=1,
+             callback_on_step_end=lambda *a: calls.append(a[3]["unit"]))
+    assert calls == [0] * 6 + [1] * 3 + [2] * 3
+
+
+def test_first_frame_generator_is_a_registered_component(pipes, checkpoint, tmp_path):
+    pipe = pipes["hybrid"]
+    assert pipe.config["first_frame_generator"][1] == "SSD1BFirstFrameGenerator"
+    assert pipes["monolithic"].config["first_frame_generator"] == (None, None)
+
+
+def test_pyramid_first_frame_generator_samples_frame0_with_the_multistep_pair(tmp_path):
+    """A preset without an image model makes frame 0 with its monolithic DiT pair, a registered component that
+    save_pretrained writes and from_pretrained loads back."""
+    from neodragon.pipelines.neodragon import PyramidFirstFrameGenerator
+    from neodragon.presets import nano_student_preset
+
+    folder = create_random_checkpoint(nano_student_preset(), tmp_path / "student")
+    pipe = NeodragonPipeline.from_pretrained(folder, mode="hybrid")
+    pipe.set_progress_bar_config(disable=True)
+    generator = pipe.first_frame_generator
+    assert isinstance(generator, PyramidFirstFrameGenerator)
+    assert generator.transformer is not pipe.transformer  # the multi-step pair, not the hybrid DiT
+    assert pipe.config["first_frame_generator"][1] == "PyramidFirstFrameGenerator"
+    generator.num_inference_steps = [1, 1, 1]
+    frames = generate(pipe, num_frames=9, seed=2)
+    assert frames.shape == (1, 9, 64, 64, 3)
+    pipe.save_pretrained(tmp_path / "saved")
+    again = NeodragonPipeline.from_pretrained(tmp_path / "saved", mode="hybrid")
+    again.set_progress_bar_config(disable=True)
+    again.first_frame_generator.num_inference_steps = [1, 1, 1]
+    np.testing.assert_array_equal(generate(again, num_frames=9, seed=2), frames)
+
+
+def test_latent_constants_live_in_the_vae_config(pipes, checkpoint, tmp_path):
+    vae = pipes["hybrid"].vae
+    release_defaults = {"image_latent_shift": 0.1490, "image_latent_scale": 0.5430, "video_latent_shift": -0.2343,
+                        "video_latent_scale": 0.3031}
+    assert vae.latent_statistics() == release_defaults  # the release's VAE config has none: its reference values
+    z = torch.randn(1, vae.config.encoder_out_channels, 3, 4, 4)
+    torch.testing.assert_close(vae.denormalize_latents(vae.normalize_latents(z)), z)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(checkpoint, legacy)
+    config = json.loads((legacy / "pipeline_config.json").read_text())
+    (legacy / "pipeline_config.json").write_text(json.dumps({**config, "image_latent_shift": 0.1}))
+    with pytest.raises(ValueError, match="causal_video_vae/config.json"):
+        NeodragonPipeline.from_pretrained(legacy, mode="monolithic")
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_reported(pipes):
+    limit = pipes["monolithic"].text_encoder.max_sequence_length
+    with pytest.warns(UserWarning, match=r"tokens long, but the text encoder reads only the first .*ignored"):
+        generate(pipes["monolithic"], prompt="red " * (2 * limit), num_frames=1)

@@ -8,6 +8,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from neodragon.cli.data import app
 from neodragon.data import (
     BACKGROUNDS,
     COLOURS,
@@ -27,17 +28,13 @@ from neodragon.data import (
     captions,
     collate,
     make_caption,
-    other_shapes,
     preview,
     render,
     sample,
     sample_spec,
-    shape_twin,
-    shape_variant,
     shapes_world,
     tokenize,
 )
-from neodragon.data.cli import app
 
 SMALL = dict(num_frames=9, height=64, width=64)
 
@@ -227,50 +224,6 @@ def test_heldout_combinations_never_appear_in_training():
     assert heldout_seen == banned
     assert all(sample("heldout", i, **SMALL).labels.heldout for i in range(5))
     assert not any(sample("train", i, **SMALL).labels.heldout for i in range(5))
-
-
-def test_shape_twin_changes_the_shape_and_its_word_only():
-    made = 0
-    for i in range(24):
-        item, twin = sample("train", i, **SMALL), shape_twin("train", i, **SMALL)
-        if len(item.labels.objects) == 2:
-            assert twin is None
-            continue
-        made += 1
-        (a,), (b,) = item.labels.objects, twin.labels.objects
-        assert a.shape != b.shape and (a.colour, a.size, a.motion, a.position) == (b.colour, b.size, b.motion,
-                                                                                   b.position)
-        assert not twin.labels.heldout and twin.labels.background == item.labels.background
-        assert twin.caption in {captions.replace_shape_word(item.caption, word)
-                                for word in captions.SHAPE_WORDS[SHAPES[b.shape]]}  # only the shape word changed
-        assert not torch.equal(item.video, twin.video) and torch.equal(item.video[:, :, :2, :2],
-                                                                       twin.video[:, :, :2, :2])  # same background
-        again = shape_twin("train", i, **SMALL)
-        assert again.caption == twin.caption and torch.equal(again.video, twin.video)
-    assert made >= 10
-
-
-
-def test_shape_variant_draws_every_allowed_shape_of_one_scene():
-    index = next(i for i in range(24) if len(sample("train", i, **SMALL).labels.objects) == 1)
-    item = sample("train", index, **SMALL)
-    (obj,) = item.labels.objects
-    scene_object = ObjectSpec(SHAPES[obj.shape], COLOURS[obj.colour], SIZES[obj.size], MOTIONS[obj.motion])
-    allowed = other_shapes("train", scene_object)
-    assert SHAPES[obj.shape] not in allowed and len(allowed) >= 4
-    own = shape_variant("train", index, SHAPES[obj.shape], "thing", **SMALL)
-    assert torch.equal(own.video, item.video)  # its own shape: the same video
-    for shape in allowed:
-        variant = shape_variant("train", index, shape, captions.SHAPE_WORDS[shape][0], **SMALL)
-        (b,) = variant.labels.objects
-        assert SHAPES[b.shape] == shape and (b.colour, b.position) == (obj.colour, obj.position)
-        assert variant.caption == captions.replace_shape_word(item.caption, captions.SHAPE_WORDS[shape][0])
-    two = next(i for i in range(24) if len(sample("train", i, **SMALL).labels.objects) == 2)
-    with pytest.raises(ValueError, match="one-object scene"):
-        shape_variant("train", two, "star", "star", **SMALL)
-
-
-# ---- captions ----------------------------------------------------------------------------------------------------
 
 
 def mentions(caption: str, phrases) -> bool:

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from neodragon.recipes.training import TrainConfig, Trainer, cycle_indices, lr_lambda, read_log
+from neodragon.training.trainer import TrainConfig, Trainer, cycle_indices, lr_lambda, read_log
 
 
 class Interrupted(Exception):

@@ -4,8 +4,6 @@
 # with its log.
 #   usage: scripts/device/train_teacher.sh DEADLINE_S NUM_VIDEOS NUM_STYLED WORLD BATCH LR [TRAIN TEACHER ARGS]
 #   e.g.:  scripts/device/train_teacher.sh 570 24576 6144 14 1024 8e-4 --layers 10 --heads 5
-# NUM_TWINS=N (environment) also encodes N more videos (--seed 1) with their shape twins and trains on them too
-# (for --pair-weight).
 # ARMS="NAME=ARGS;NAME=ARGS" (environment) trains one DiT per arm side by side on the same GPU and latents, each
 # with the common arguments plus its own; since at most 8 files come back, the arms' folders (NAME/dit-fp16,
 # NAME/log.jsonl, NAME/train.log) come back as one tar archive cut in 15 MB parts: `cat arms.tar.part-* | tar -x`.
@@ -16,11 +14,6 @@ RUNS=${RUNS:-/tmp/runs}
 source scripts/device/setup.sh
 encode_in_parallel $RUNS/latents $NUM $WORLD
 encode_in_parallel $RUNS/latents-styled $NUM_STYLED $WORLD "seed=2, styles=('neon', 'stripes', 'pixel', 'outline')"
-TWINS=()
-if [ "${NUM_TWINS:-0}" -gt 0 ]; then
-  encode_in_parallel $RUNS/latents-twins $NUM_TWINS $WORLD "seed=1, twins=True"
-  TWINS=(--latents $RUNS/latents-twins)
-fi
 echo "encoded in $(( $(date +%s) - START )) s"
 # The learning rate decays over the time left; 50 s stay for writing and shrinking the result.
 MINUTES=$(python3 -c "print(max(0.2, ($DEADLINE - $(date +%s) + $START - 50) / 60))")
@@ -31,7 +24,7 @@ train_into() {
   local dest=$1 run=$RUNS/teacher-$(basename $1); shift
   mkdir -p $dest
   TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 python3 -m neodragon train teacher --latents $RUNS/latents \
-      --latents $RUNS/latents-styled ${TWINS[@]+"${TWINS[@]}"} -o $run --steps 1000000 --batch-size $BATCH \
+      --latents $RUNS/latents-styled -o $run --steps 1000000 --batch-size $BATCH \
       --lr $LR --save-every 1000000 --max-minutes $MINUTES "$@" > $dest/train.log 2>&1 \
       || { tail -c 3000 $dest/train.log; return 1; }
   python3 -c "from neodragon.models import PyramidMMDiT

@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import check_new_output, console, fail
+from .errors import FriendlyGroup, check_new_output, check_weight_files, console, fail
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=FriendlyGroup, add_completion=False, no_args_is_help=True,
                   help="SHiRA / FouRA adapters: train one, inspect files, convert SHiRA to and from PEFT, fuse SHiRA "
                   "adapters.")
 
@@ -99,7 +99,9 @@ def convert(
     """Convert a SHiRA adapter between neodragon's file and PEFT's adapter folder (Linear layers)."""
     from ..adapters.shira import ShiraAdapter
 
-    check_new_output(target, overwrite)
+    if not source.exists():
+        fail(f"{source} does not exist: pass a neodragon SHiRA .safetensors file or a PEFT adapter folder.")
+    check_new_output(target, overwrite, folder=not source.is_dir())  # to PEFT: a folder
     try:
         if source.is_dir():
             adapter = ShiraAdapter.from_peft(source, _dit_on_meta(model))
@@ -153,7 +155,7 @@ def export(
     folder: Path = typer.Argument(..., help="A trained adapter folder (the final/ of `neodragon adapter train`)."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write, e.g. <checkpoint>/adapters/<name> to "
                                 "ship it with a model (`generate --adapter <name>`)."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
     """Write a compact copy of a trained adapter: its values / factors in float16, its adapter.json as it is."""
     import torch
@@ -163,7 +165,7 @@ def export(
     from ..adapters.shira import ShiraAdapter
     from ..utils.video import atomic_path
 
-    check_new_output(output, overwrite)
+    check_new_output(output, overwrite, folder=True)
     try:
         info = read_info(folder)
     except FileNotFoundError as err:
@@ -201,7 +203,7 @@ def train(
     strategy: str = typer.Option("random", "--strategy", help="SHiRA mask: random, struct, wm, grad or snip."),
     steps: int = typer.Option(500, "--steps", help="Total optimiser steps."),
     batch_size: int = typer.Option(4, "--batch-size", help="Videos per process and step."),
-    lr: float = typer.Option(5e-4, "--lr"),
+    lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate (linear warm-up, then cosine decay)."),
     save_every: int = typer.Option(100, "--save-every", help="Checkpoint interval in steps."),
     seed: int = typer.Option(0, "--seed", help="Seeds the data, the SHiRA mask and the adapter's initialisation."),
     videos: int = typer.Option(64, "--videos", help="Training videos of the style (encoded once)."),
@@ -237,7 +239,9 @@ def _train(model: str, config: TrainConfig, recipe: AdapterRecipe) -> TrainedAda
 
     from ..adapters.training import train_adapter
     from ..presets import load_pipeline
+    from .generate import local_checkpoint
 
+    check_weight_files(local_checkpoint(model))
     try:
         pipe = load_pipeline(model, mode="monolithic", torch_dtype=torch.float32, load_super_resolution=False)
     except (FileNotFoundError, ValueError, OSError) as err:

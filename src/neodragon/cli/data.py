@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from .errors import fail
+from .errors import FriendlyGroup, check_new_output, fail
 
-app = typer.Typer(add_completion=False, no_args_is_help=True)
+app = typer.Typer(cls=FriendlyGroup, add_completion=False, no_args_is_help=True)
 
 
 @app.callback()
@@ -26,8 +26,8 @@ def preview(
     seed: int = typer.Option(0, "--seed", min=0, help="Base seed of the split."),
     style: list[str] = typer.Option(["none"], "--style", help="Style drawn per video; repeat to mix styles."),
     num_frames: int = typer.Option(17, "--num-frames", help="1 + 8k frames."),
-    height: int = typer.Option(128, "--height"),
-    width: int = typer.Option(128, "--width"),
+    height: int = typer.Option(128, "--height", help="Video height in pixels."),
+    width: int = typer.Option(128, "--width", help="Video width in pixels."),
     gif: Path = typer.Option(None, "--gif", help="Also write the videos side by side as an animated GIF."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
 ) -> None:
@@ -41,8 +41,7 @@ def preview(
     if gif is not None and gif.suffix.lower() != ".gif":
         fail(f"--gif must end with .gif; got {gif.name}")
     for path in (output, gif):
-        if path is not None and path.exists() and not overwrite:
-            fail(f"{path} already exists; pass --overwrite or choose another name.")
+        check_new_output(path, overwrite)
     try:
         samples = write_preview(output, split, count, frames, start=start, base_seed=seed, num_frames=num_frames,
                                 height=height, width=width, styles=style, overwrite=overwrite)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import typer
 
-from .errors import fail
+from .errors import FriendlyGroup, check_new_output, check_weight_files, fail
+from .generate import local_checkpoint, parse_steps
 
-app = typer.Typer(add_completion=False, no_args_is_help=True)
+app = typer.Typer(cls=FriendlyGroup, add_completion=False, no_args_is_help=True)
 
 
 @app.callback()
@@ -41,13 +42,6 @@ def _provenance() -> dict[str, str]:
             "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs"}
 
 
-def _steps(value: str | None) -> int | list[int] | None:
-    if value is None:
-        return None
-    steps = [int(v) for v in value.split(",")]
-    return steps[0] if len(steps) == 1 else steps
-
-
 @app.command()
 def run(
     model: str = typer.Argument("nano", help="'nano' (bundled), a checkpoint folder, or a hub id."),
@@ -60,7 +54,7 @@ def run(
     guidance: float = typer.Option(None, "--guidance", help="CFG scale of the first frame."),
     video_guidance: float = typer.Option(None, "--video-guidance", help="CFG scale of later frames."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N prompts (a quick look)."),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing result files."),
 ) -> None:
     """Generate every prompt of a prompt set with MODEL and score the videos with VBench-nano."""
@@ -73,9 +67,12 @@ def run(
     from ..utils.video import atomic_path
 
     table_path = out.with_suffix(".md")
+    if out.suffix.lower() == ".md":
+        fail(f"--out is the results JSON (the table goes next to it as .md); got {out}")
     for path in (out, table_path):
-        if path.exists() and not overwrite:
-            fail(f"{path} already exists; pass --overwrite or choose another name.")
+        check_new_output(path, overwrite)
+    step_list, video_step_list = parse_steps(steps), parse_steps(video_steps, "--video-steps")
+    check_weight_files(local_checkpoint(model))
     try:
         entries = load_prompt_set(prompt_set)[:limit]
         judge = load_judge(judge_path)
@@ -83,8 +80,8 @@ def run(
     except (ValueError, FileNotFoundError, OSError) as err:
         fail(str(err))
     pipe.set_progress_bar_config(disable=True)
-    call = dict(num_inference_steps=_steps(steps), guidance_scale=guidance, video_guidance_scale=video_guidance,
-                video_num_inference_steps=_steps(video_steps) if video_steps is not None else _steps(steps))
+    call = dict(num_inference_steps=step_list, guidance_scale=guidance, video_guidance_scale=video_guidance,
+                video_num_inference_steps=video_step_list if video_steps is not None else step_list)
 
     def generate(caption: str, seed: int) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -112,7 +109,7 @@ def vae(
     videos: int = typer.Option(100, "--videos", min=1, help="Real held-out `eval` videos (every style)."),
     out: Path = typer.Option(None, "--out", help="Also write the results JSON here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Base seed of the held-out videos."),
 ) -> None:
     """Reconstruct real held-out ShapesWorld videos with a VAE; PSNR and the judge's accuracy on them, per style."""
     from ..eval.reconstruction import judged_reconstructions
@@ -120,13 +117,16 @@ def vae(
     from ..pipelines.neodragon import SUBFOLDERS
     from ..utils.video import atomic_path
 
-    if out is not None and out.exists() and not overwrite:
-        fail(f"{out} already exists; pass --overwrite or choose another name.")
+    check_new_output(out, overwrite)
     if not folder.exists():
         from ..presets import bundled_weights
 
         folder = bundled_weights(str(folder)) or folder  # a preset name such as 'nano'
+    if not folder.exists():
+        fail(f"cannot load a VAE from {folder}: no such folder. Pass 'nano', the final/ of `neodragon train vae` "
+             "or a checkpoint folder.")
     source = folder / SUBFOLDERS["vae"] if (folder / SUBFOLDERS["vae"]).is_dir() else folder
+    check_weight_files(source)
     try:
         model = AsymmetricCausalVideoVAE.from_pretrained(source).eval()
     except (ValueError, OSError) as err:
@@ -143,15 +143,15 @@ def vae(
 @app.command("train-judge")
 def train_judge(
     output_dir: Path = typer.Argument(Path("runs/judge"), help="Checkpoints, log.jsonl and judge/ go here."),
-    steps: int = typer.Option(6500, "--steps", min=1),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    learning_rate: float = typer.Option(2e-3, "--lr"),
-    warmup: int = typer.Option(100, "--warmup"),
-    save_every: int = typer.Option(250, "--save-every", min=1),
+    steps: int = typer.Option(6500, "--steps", min=1, help="Total optimiser steps."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Videos per step."),
+    learning_rate: float = typer.Option(2e-3, "--lr", help="Peak learning rate."),
+    warmup: int = typer.Option(100, "--warmup", help="Linear warm-up steps of the learning rate."),
+    save_every: int = typer.Option(250, "--save-every", min=1, help="Checkpoint interval in steps."),
     eval_videos: int = typer.Option(1000, "--eval-videos", min=1, help="Real eval and heldout videos to score."),
     workers: int = typer.Option(1, "--workers", min=0, help="Processes that render the training videos."),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch threads of the training process."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seeds the initial weights and the training videos."),
     jitter: float = typer.Option(0.1, "--jitter", min=0.0, max=0.5,
                                  help="Half of the training videos wobble per frame by up to this much (size, "
                                       "and place in radii); 0 trains on exact renders only."),

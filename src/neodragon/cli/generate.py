@@ -8,20 +8,22 @@ from pathlib import Path
 
 import typer
 
-from .errors import check_new_output, console, fail, warn
+from .errors import check_new_output, check_weight_files, console, fail, warn
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
 
-def parse_steps(value: str | None) -> int | list[int] | None:
-    """``"4"`` -> 4, ``"20,20,20"`` -> [20, 20, 20]; None stays None."""
+def parse_steps(value: str | None, option: str = "--steps") -> int | list[int] | None:
+    """``"4"`` -> 4, ``"20,20,20"`` -> [20, 20, 20]; None stays None; anything else ends the command."""
     if value is None:
         return None
     try:
         steps = [int(v) for v in value.split(",")]
-    except ValueError as err:
-        raise typer.BadParameter(f"an int or one int per stage like 20,20,20; got {value!r}") from err
+    except ValueError:
+        fail(f"{option} takes an int or one int per pyramid stage such as 20,20,20; got {value!r}.")
+    if any(s < 1 for s in steps):
+        fail(f"{option} must be at least 1 step per stage; got {value!r}.")
     return steps[0] if len(steps) == 1 else steps
 
 
@@ -41,6 +43,25 @@ def checkpoint_root(model: str) -> Path | None:
     from ..presets import PRESETS, bundled_weights
 
     return bundled_weights(model) if model in PRESETS else resolve_checkpoint(model)
+
+
+def local_checkpoint(model: str) -> Path | None:
+    """The folder ``model`` names when it is a preset's bundled weights or a local folder; None otherwise (a hub
+    id is not downloaded here)."""
+    from ..presets import PRESETS, bundled_weights
+
+    if model in PRESETS:
+        return bundled_weights(model)
+    path = Path(model).expanduser()
+    return path if path.is_dir() else None
+
+
+def show_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for a command: the library's warnings about the user's input (a truncated prompt,
+    random or mismatched weights) as ``warning:`` lines as they happen; other libraries' warnings are dropped."""
+    text = str(message)
+    if issubclass(category, UserWarning) and any(word in text for word in ("weights", "tokens", "prompt")):
+        warn(text)
 
 
 def generate(
@@ -67,7 +88,7 @@ def generate(
     sr: bool = typer.Option(False, "--sr/--no-sr", help="2x super-resolution (needs a super_resolution/ model)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    fps: int = typer.Option(None, "--fps", help="Frames per second of the mp4 (default: the model's)."),
+    fps: int = typer.Option(None, "--fps", min=1, help="Frames per second of the mp4 (default: the model's)."),
     preview: Path = typer.Option(None, "--preview", help="Also write a contact sheet (.png) or animation (.gif)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     adapter: list[str] = typer.Option(None, "--adapter", metavar="FOLDER|NAME",
@@ -77,6 +98,8 @@ def generate(
 ) -> None:
     """Generate a video from a text prompt and write it as an mp4."""
     started = time.perf_counter()
+    if not prompt.strip():
+        fail("the prompt must be non-empty text, e.g. 'a red circle moving to the right'.")
     if output.suffix.lower() != ".mp4":
         fail(f"--output must end with .mp4; got {output}")
     if preview is not None and preview.suffix.lower() not in (".png", ".gif"):
@@ -85,7 +108,8 @@ def generate(
         check_new_output(path, overwrite)
     if dtype not in DTYPES:
         fail(f"--dtype must be one of {', '.join(sorted(set(DTYPES)))}; got {dtype!r}")
-    step_list, video_step_list = parse_steps(steps), parse_steps(video_steps)
+    step_list, video_step_list = parse_steps(steps), parse_steps(video_steps, "--video-steps")
+    check_weight_files(local_checkpoint(model))
 
     import torch
 
@@ -93,8 +117,9 @@ def generate(
     from ..utils.video import export_to_video, save_preview
 
     quiet_loading()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = show_warnings  # restored when the block ends
         pipe = load_pipeline(model, mode=mode, torch_dtype=getattr(torch, DTYPES[dtype]))
         if adapter:
             _attach_adapters(pipe, model, adapter)
@@ -107,19 +132,16 @@ def generate(
             generator=torch.Generator("cpu").manual_seed(seed),
         ).frames[0]
         generation_s = time.perf_counter() - generation_started
-    for warning in caught:
-        if issubclass(warning.category, UserWarning) and ("weights" in str(warning.message)
-                                                          or "tokens" in str(warning.message)):
-            warn(str(warning.message))
     fps = fps or pipe.pipeline_config.fps
     export_to_video(frames, output, fps=fps, overwrite=overwrite)
     if preview is not None:
         save_preview(frames, preview, fps=fps, overwrite=overwrite)
     width_px, height_px = frames[0].size
     written = f"{output} and {preview}" if preview is not None else str(output)
-    console.print(f"wrote {written}: {len(frames)} frames {width_px}x{height_px} @ {fps} fps, mode {pipe.mode}, "
-                  f"seed {seed}; generation {generation_s:.1f} s, whole command {time.perf_counter() - started:.1f} s",
-                  highlight=False, markup=False)
+    count = f"{len(frames)} frame" + ("s" if len(frames) != 1 else "")
+    console.print(f"wrote {written}: {count}, {width_px}x{height_px} at {fps} fps, {pipe.mode} mode, seed {seed}, "
+                  f"generation {generation_s:.1f} s, whole command {time.perf_counter() - started:.1f} s",
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 def _attach_adapters(pipe, model: str, adapters: list[str]) -> None:

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .generate import checkpoint_root, quiet_loading
+from .errors import check_weight_files
+from .generate import checkpoint_root, local_checkpoint, quiet_loading
 
 
 def info(
@@ -22,6 +23,7 @@ def info(
     from ..presets import PRESETS, create_random_checkpoint
     from ..utils.checkpoint import describe_checkpoint
 
+    check_weight_files(local_checkpoint(model))
     quiet_loading()
     with tempfile.TemporaryDirectory() as tmp:
         source = model

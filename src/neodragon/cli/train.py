@@ -7,9 +7,12 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Train the nano teacher (VAE, latent cache, DiT) and export it. "
-                  "Every run resumes from its newest checkpoint in --output; use `accelerate launch "
-                  "--num_processes N -m neodragon train ...` for several processes.")
+from .errors import FriendlyGroup
+
+app = typer.Typer(cls=FriendlyGroup, no_args_is_help=True,
+                  help="Train the nano teacher (VAE, latent cache, DiT) and export it. Every run resumes from its "
+                  "newest checkpoint in --output; use `accelerate launch --num_processes N -m neodragon train ...` "
+                  "for several processes.")
 
 OUTPUT = typer.Option(..., "--output", "-o", help="Run folder: checkpoints, log.jsonl, final/.")
 STEPS = typer.Option(1000, "--steps", help="Total optimiser steps (a resumed run continues up to this).")
@@ -104,7 +107,8 @@ def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VA
 @app.command()
 def teacher(latents: list[Path] = typer.Option(..., "--latents",
                                               help="Output of `train encode-latents`; repeat to mix folders."),
-            output: Path = OUTPUT, steps: int = STEPS, batch_size: int = typer.Option(16, "--batch-size"),
+            output: Path = OUTPUT, steps: int = STEPS,
+            batch_size: int = typer.Option(16, "--batch-size", help="Latent videos per process and step."),
             lr: float = LR, save_every: int = SAVE, seed: int = SEED,
             text_dropout: float = typer.Option(0.1, "--text-dropout", help="Share of captions dropped to the empty "
                                                "prompt (what classifier-free guidance needs)."),

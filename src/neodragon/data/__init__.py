@@ -21,14 +21,11 @@ from .shapes_world import (
     ShapesWorldDataset,
     animation,
     collate,
-    other_shapes,
     preview,
     preview_sheet,
     render,
     sample,
     sample_spec,
-    shape_twin,
-    shape_variant,
     to_images,
 )
 
@@ -36,6 +33,6 @@ __all__ = [
     "BACKGROUNDS", "COLOURS", "HELDOUT_COLOUR_SHAPE", "HELDOUT_SHAPE_MOTION", "MAX_CAPTION_TOKENS", "MOTIONS",
     "RELATIONS", "SHAPES", "SIZES", "SPLITS", "STYLES", "Labels", "ObjectLabels", "ObjectSpec", "Sample", "SceneSpec",
     "ShapesWorld", "ShapesWorldDataset", "animation", "caption_vocabulary", "collate", "make_caption", "preview",
-    "other_shapes", "preview_sheet", "render", "sample", "sample_spec", "shape_twin", "shape_variant", "to_images",
+    "preview_sheet", "render", "sample", "sample_spec", "to_images",
     "tokenize",
 ]

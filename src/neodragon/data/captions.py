@@ -79,10 +79,6 @@ TWO_OBJECTS = (
     "there is {np0} {rel} {np1}{where}, the {ref0} {moves0} while the {ref1} {moves1}",
 )
 STYLED = ("{caption} {style}", "{caption}, {style}", "{style}, {caption}")
-# "<colour> <shape>" in a caption (longest synonyms first, so "plus sign" wins over a shorter match).
-COLOUR_SHAPE = re.compile(
-    rf"\b({'|'.join(w for ws in COLOUR_WORDS.values() for w in ws)}) "
-    rf"({'|'.join(sorted((w for ws in SHAPE_WORDS.values() for w in ws), key=len, reverse=True))})\b")
 # Partial (training) captions leave out an object's size or the background this often.
 OMIT_PROBABILITY = 0.25
 
@@ -90,16 +86,6 @@ OMIT_PROBABILITY = 0.25
 def tokenize(caption: str) -> list[str]:
     """Lower-cased words with punctuation split off, as the word-level tokenizers of ``neodragon.models.text``."""
     return re.findall(r"\w+|[^\w\s]", caption.lower())
-
-
-def replace_shape_word(caption: str, shape_word: str) -> str | None:
-    """The caption with its object's shape word replaced by ``shape_word``, or None unless it names exactly one
-    "<colour> <shape>" (one-object captions)."""
-    found = COLOUR_SHAPE.findall(caption)
-    if len(found) != 1:
-        return None
-    colour, shape = found[0]
-    return caption.replace(f"{colour} {shape}", f"{colour} {shape_word}")
 
 
 def caption_vocabulary() -> list[str]:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .captions import SHAPE_WORDS, make_caption, replace_shape_word
+from .captions import make_caption
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross", "ring", "heart")
 COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "white")
@@ -230,42 +230,6 @@ def sample(split: str, index: int, base_seed: int = 0, *, num_frames: int = 17, 
     spec, seed = _scene(split, index, base_seed, styles)
     return render(spec, seed, num_frames=num_frames, height=height, width=width, complete_caption=split != "train",
                   jitter=jitter)
-
-
-def shape_twin(split: str, index: int, base_seed: int = 0, *, num_frames: int = 17, height: int = 128,
-               width: int = 128, styles: Sequence[str] = ("none",)) -> Sample | None:
-    """Item ``index`` of ``split`` with its object's shape changed and nothing else: the same colour, size, motion,
-    position, background and style, and the same caption but for the shape word. The new shape is drawn from
-    those the scene allows (``other_shapes``). None for two-object scenes. A video and its twin differ only where
-    the shape word says they do, so training on both shows a DiT exactly what the word must change."""
-    spec, _ = _scene(split, index, base_seed, styles)
-    if len(spec.objects) != 1:
-        return None
-    rng = np.random.default_rng([base_seed, SPLITS.index(split), index, 2])
-    shape = _pick(rng, other_shapes(split, spec.objects[0]))
-    return shape_variant(split, index, shape, _pick(rng, SHAPE_WORDS[shape]), base_seed, num_frames=num_frames,
-                         height=height, width=width, styles=styles)
-
-
-def other_shapes(split: str, obj: ObjectSpec) -> list[str]:
-    """The shapes ``obj`` could take with nothing else changed: no held-out combination outside "heldout", no
-    spinning round shape."""
-    return [s for s in SHAPES if s != obj.shape and obj.motion in _motions(s)
-            and (split == "heldout" or not _heldout(dataclasses.replace(obj, shape=s)))]
-
-
-def shape_variant(split: str, index: int, shape: str, word: str, base_seed: int = 0, *, num_frames: int = 17,
-                  height: int = 128, width: int = 128, styles: Sequence[str] = ("none",)) -> Sample:
-    """Item ``index`` of ``split`` (a one-object scene) drawn with ``shape`` and its caption naming it ``word``,
-    everything else as ``sample`` draws it."""
-    spec, seed = _scene(split, index, base_seed, styles)
-    if len(spec.objects) != 1 or shape not in SHAPES:
-        raise ValueError(f"shape_variant takes a one-object scene and one of {SHAPES}; item {index} of {split!r} "
-                         f"has {len(spec.objects)} objects, shape {shape!r} was asked for.")
-    variant = dataclasses.replace(spec, objects=(dataclasses.replace(spec.objects[0], shape=shape),))
-    item = render(variant, seed, num_frames=num_frames, height=height, width=width,
-                  complete_caption=split != "train")
-    return item._replace(caption=replace_shape_word(make_caption(spec, seed, complete=split != "train"), word))
 
 
 def _scene(split: str, index: int, base_seed: int, styles: Sequence[str]) -> tuple[SceneSpec, int]:

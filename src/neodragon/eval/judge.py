@@ -343,8 +343,11 @@ def train_judge(config: TrainConfig, eval_count: int = 1000, workers: int = 1, j
     half with a grid blur up to it), resuming from the newest checkpoint, then measure its accuracy on the eval and
     heldout splits (exact renders; the heldout split again with ``TRAIN_JITTER`` and again with a bilinear grid
     blur of ``GRID_BLUR_CHECK``), calibrate FVD-nano and save it to ``<output_dir>/judge``."""
+    from accelerate.utils import set_seed
+
     from .metrics import accuracy_table
 
+    set_seed(config.seed)  # before the judge is built: the same seed gives the same initial weights
     judge = Judge()
     batches: Iterator | None = None
 

@@ -507,7 +507,7 @@ def _load_first_frame(root: Path, config: PipelineConfig, dtype_kw: dict) -> Fir
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
+        raise ValueError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
 
 
 def _check_prompts(prompt: str | list[str]) -> list[str]:

@@ -1,7 +1,7 @@
 """Why two style adapters interfere when fused: weight-space and output-space measurements of the decoder adapters
-that ``benchmarks/exp_style_adapters.py --component decoder`` trained.
+that ``benchmarks/bench_style_adapters.py --component decoder`` trained.
 
-    python benchmarks/diag_style_fusion.py --runs /work/runs/style-decoder-r2 --styles neon outline \\
+    python benchmarks/bench_style_fusion.py --runs runs/style-decoder-r2 --styles neon outline \\
         --out docs/results/adapters-style-fusion.md
 
 Per method, with A and B the two styles' adapters and D the decoder:
@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 from bench_core import ReportHead, report_preamble, write_atomic
-from exp_style_adapters import adapters_on
+from bench_style_adapters import adapters_on
 from peft import PeftModel
 
+from neodragon.adapters.loading import load_adapter
 from neodragon.adapters.shira import matrix_shape, remove_shira
-from neodragon.adapters.training import METHODS, load_adapter
+from neodragon.adapters.training import METHODS
 from neodragon.data import sample
 from neodragon.presets import load_pipeline
 
@@ -83,7 +84,7 @@ def output_rows(pipe, runs: Path, styles: Sequence[str], videos: int) -> list[st
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, required=True, help="--runs of exp_style_adapters.py (decoder)")
+    parser.add_argument("--runs", type=Path, required=True, help="--runs of bench_style_adapters.py (decoder)")
     parser.add_argument("--styles", nargs=2, default=["neon", "outline"])
     parser.add_argument("--model", default="nano")
     parser.add_argument("--videos", type=int, default=8, help="held-out eval videos for the output measurements")

@@ -4,10 +4,10 @@ forward + backward + AdamW step, per batch size and per (unit, stage). Runs on C
 Run from the repository root, on a latent cache and a trained DiT, or freshly initialised DiTs of given sizes
 (step time does not depend on the weights):
 
-    python benchmarks/profile_teacher_step.py --latents /work/runs/latents \
+    python benchmarks/bench_teacher_step.py --latents runs/latents \
         --dit src/neodragon/weights/nano/diffusion_transformer_320p_multistep_t2v --batch-sizes 256 1024 4096
-    python benchmarks/profile_teacher_step.py --latents /work/runs/latents --size 6x4 --size 10x5
-    python benchmarks/profile_teacher_step.py --latents /work/runs/latents --size 10x5 --compile default
+    python benchmarks/bench_teacher_step.py --latents runs/latents --size 6x4 --size 10x5
+    python benchmarks/bench_teacher_step.py --latents runs/latents --size 10x5 --compile default
 
 Prints milliseconds per step, averaged over the steps after ``--warmup``.
 """
@@ -22,15 +22,10 @@ import torch
 from accelerate.utils import send_to_device
 
 from neodragon.models.mmdit import PyramidMMDiT
-from neodragon.recipes.nano import (
-    batch_flow_matching_loss,
-    flow_matching_batches,
-    teacher_dit_config,
-    teacher_training_data,
-)
-from neodragon.recipes.teacher import TeacherRecipe
-from neodragon.recipes.training import TrainConfig
+from neodragon.recipes.teacher import teacher_dit_config, teacher_training_data
 from neodragon.schedulers import PyramidFlowMatchScheduler
+from neodragon.training.flow_matching import FlowMatchingConfig, batch_flow_matching_loss, flow_matching_batches
+from neodragon.training.trainer import TrainConfig
 
 
 def profile(batch_fn, dit: PyramidMMDiT, device: str, steps: int, warmup: int,
@@ -39,12 +34,12 @@ def profile(batch_fn, dit: PyramidMMDiT, device: str, steps: int, warmup: int,
     warm-up. Warm-up lasts ``warmup`` steps and until each of the ``layouts`` (unit, stage) pairs has run (so that
     a compiled DiT has compiled everything it will)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    scheduler, recipe = PyramidFlowMatchScheduler(), TeacherRecipe()
+    scheduler, objective = PyramidFlowMatchScheduler(), FlowMatchingConfig()
     optimizer = torch.optim.AdamW(dit.parameters(), lr=1e-5)
     phases, per_stage, seen = {"batch": 0.0, "to_device": 0.0, "fwd_bwd_step": 0.0}, {}, set()
 
     def train_step(batch: dict) -> None:
-        batch_flow_matching_loss(dit, scheduler, batch, recipe)["loss"].backward()
+        batch_flow_matching_loss(dit, scheduler, batch, objective)["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -91,7 +86,7 @@ def main() -> None:
                         "`train teacher --compile` does in its default mode.")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cache, text = teacher_training_data(args.latents, TeacherRecipe(), device)
+    cache, text = teacher_training_data(args.latents, device)
     if args.cache_device == "cpu":
         cache.to("cpu")
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, {len(cache)} cached videos")
@@ -103,7 +98,8 @@ def main() -> None:
               f"{args.compile}")
         layouts = cache.latents.shape[2] * PyramidFlowMatchScheduler().config.stages
         for batch_size in args.batch_sizes:
-            batch_fn = flow_matching_batches(cache, text, TrainConfig("unused", batch_size=batch_size), 0.1, 3)
+            config = TrainConfig("unused", batch_size=batch_size)
+            batch_fn = flow_matching_batches(cache, text, config, FlowMatchingConfig(), 3)
             phases, per_stage, warmup_s = profile(batch_fn, dit, device, args.steps, args.warmup, layouts)
             print(f"batch {batch_size}: warm-up {warmup_s:.1f} s; ms per step {phases}; forward+backward+step by "
                   f"(unit, stage) {per_stage}", flush=True)

@@ -3,7 +3,7 @@ model; the VBench-nano judge scores style strength, content preservation, divers
 
 Run from the repository root once the trained nano teacher exists (the default model is the bundled nano one):
 
-    python benchmarks/exp_style_adapters.py --model <checkpoint folder> --styles neon stripes --steps 500 \\
+    python benchmarks/bench_style_adapters.py --model <checkpoint folder> --styles neon stripes --steps 500 \\
         --prompts 8 --seeds 4 --threads 2
 
 Adapters are trained with ``neodragon.adapters.training.train_adapter`` into ``--runs`` (a rerun resumes them),
@@ -28,25 +28,22 @@ import torch
 from bench_core import ReportHead, report_preamble, write_atomic
 from diffusers.utils import logging as diffusers_logging
 
-from neodragon.adapters.shira import ShiraAdapter, fuse_adapters
-from neodragon.adapters.switching import AdapterSwitcher
-from neodragon.adapters.training import (
+from neodragon.adapters.loading import (
     COMPONENTS,
-    METHODS,
     SHIRA_FILE,
-    AdapterRecipe,
     activate_peft_adapters,
     adapted_module,
-    encode_training_data,
     load_peft_adapters,
-    train_adapter,
 )
+from neodragon.adapters.shira import ShiraAdapter, fuse_adapters
+from neodragon.adapters.switching import AdapterSwitcher
+from neodragon.adapters.training import METHODS, AdapterRecipe, encode_training_data, train_adapter
 from neodragon.data import STYLES, Sample, preview_sheet
 from neodragon.eval import Judge, accuracy_table, load_judge, load_prompt_set
 from neodragon.eval.prompts import PromptEntry
 from neodragon.pipelines.neodragon import NeodragonPipeline
 from neodragon.presets import load_pipeline
-from neodragon.recipes.training import TrainConfig
+from neodragon.training.trainer import TrainConfig
 from neodragon.utils.video import atomic_path
 
 CONTENT = ("shape", "colour", "motion")

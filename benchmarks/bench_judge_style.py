@@ -6,7 +6,7 @@ with a copy rebuilt from their 8 x 8 block means (``grid_blur``: bilinear, or bl
 their own latents (a VAE's reconstruction: the closest real stand-in for a generated video). Per judge and version:
 accuracy per style, how many non-pixel videos are read as pixel art, and shape and colour accuracy.
 
-    python benchmarks/diag_judge_style.py --judge <judge folder> [...] --vae nano --count 200 \
+    python benchmarks/bench_judge_style.py --judge <judge folder> [...] --vae nano --count 200 \
         --out docs/results/judge-style.md
 """
 
@@ -22,7 +22,8 @@ import torch
 from neodragon.data import STYLES
 from neodragon.eval.judge import grid_blur, load_judge, real_videos, scene_dict
 from neodragon.eval.metrics import accuracy_table
-from neodragon.recipes.vae import load_trained_vae, reconstruct
+from neodragon.eval.reconstruction import reconstruct
+from neodragon.training.vae import load_video_vae
 from neodragon.utils.video import atomic_path
 
 BLURS = {"grid blur 0.3": (0.3, False), "grid blur 0.6": (0.6, False), "grid blur 0.6, blocky": (0.6, True)}
@@ -34,7 +35,7 @@ def versions(vae_source: str | None) -> dict[str, Callable[[torch.Tensor], torch
     for name, (strength, blocky) in BLURS.items():
         out[name] = lambda videos, s=strength, b=blocky: torch.stack([grid_blur(v, s, b) for v in videos])
     if vae_source is not None:
-        vae, _ = load_trained_vae(vae_source)
+        vae = load_video_vae(vae_source)
         out[f"VAE `{vae_source}` reconstruction"] = lambda videos: reconstruct(vae, videos)
     return out
 
@@ -65,7 +66,7 @@ def main() -> None:
     inputs = {name: torch.cat([transform(chunk) for chunk in videos.split(20)])
               for name, transform in versions(None if args.vae == "none" else args.vae).items()}
     lines = ["# Judge style readings through a VAE decoder's blur\n",
-             f"`python benchmarks/diag_judge_style.py {' '.join(sys.argv[1:])}`\n",
+             f"`python benchmarks/bench_judge_style.py {' '.join(sys.argv[1:])}`\n",
              f"The first {args.count} videos of the `heldout` split (every style), exact renders. Grid blur s: "
              "each frame blended by s with a copy rebuilt from its 8 x 8 block means (bilinear, or blocky); VAE "
              "reconstruction: encoded and decoded. Style columns: right / videos of that style; `read as pixel`: "

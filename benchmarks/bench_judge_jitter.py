@@ -1,11 +1,11 @@
 """How a VBench-nano judge reads real videos whose objects wobble from frame to frame.
 
-Generated objects are never pixel-exact from frame to frame (docs/results/teacher-drift.md). This renders real
+Generated objects are never pixel-exact from frame to frame (docs/journal/nano-teacher.md). This renders real
 held-out videos with a per-frame jitter (``render(..., jitter=J)``: size by up to J, place by up to J radii; every
 label stays true) and reports each judge's accuracy per level, with the motion accuracy on still objects
 separately.
 
-    python benchmarks/diag_judge_jitter.py --judge <judge folder> [<judge folder> ...] --count 500 \
+    python benchmarks/bench_judge_jitter.py --judge <judge folder> [<judge folder> ...] --count 500 \
         --levels 0 0.05 0.1 0.15 0.2 --out docs/results/judge-jitter.md
 """
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     lines = ["# Judge accuracy on real held-out videos with per-frame jitter\n",
-             f"`python benchmarks/diag_judge_jitter.py {' '.join(sys.argv[1:])}`\n",
+             f"`python benchmarks/bench_judge_jitter.py {' '.join(sys.argv[1:])}`\n",
              f"{args.count} videos of the `heldout` split per level, every style. Jitter J: each object's size "
              "changes by up to J and its centre by up to J radii, independently per frame; labels unchanged. "
              "`still`: motion readings right / one-object videos whose object is still.\n",
