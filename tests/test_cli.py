@@ -78,3 +78,17 @@ def test_info_lists_components(checkpoint):
     assert names["causal_video_vae"]["config"]["decoder_num_features"] == [16, 8, 8, 8]
     table = runner.invoke(app, ["info", "nano"])
     assert table.exit_code == 0 and "PyramidMMDiT" in table.output
+
+
+@pytest.mark.parametrize("name", ["out.mp4", "out.png", "out.gif"])
+def test_the_readme_commands_outputs_are_ignored_by_git(name):
+    """The README's generate command writes out.mp4 and out.png into the checkout: they must not show up as changes."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    check = subprocess.run(["git", "check-ignore", "-q", name], cwd=root)
+    assert check.returncode == 0, f"{name} is not ignored by .gitignore"
