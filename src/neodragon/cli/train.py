@@ -38,7 +38,7 @@ STYLES = typer.Option(["none"], "--style", callback=_known_styles,
                       help="ShapesWorld style drawn per video; repeat to mix (and weight) styles.")
 
 
-def _config(output: Path, steps: int, batch_size: int, lr: float, save_every: int, seed: int, warmup: int,
+def train_config(output: Path, steps: int, batch_size: int, lr: float, save_every: int, seed: int, warmup: int,
             max_minutes: float | None = None, ema_decay: float | None = None):
     from ..training.trainer import TrainConfig
 
@@ -74,7 +74,7 @@ def vae(output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: 
     from ..recipes.vae import train_vae
     from ..training.vae import VAELossWeights
 
-    metrics = train_vae(_config(output, steps, batch_size, lr, save_every, seed, 200, max_minutes),
+    metrics = train_vae(train_config(output, steps, batch_size, lr, save_every, seed, 200, max_minutes),
                         num_frames=num_frames,
                         crop=crop or None, eval_videos=eval_videos, init_from=init_from,
                         freeze_encoder=freeze_encoder, styles=style,
@@ -152,7 +152,7 @@ def teacher(latents: list[Path] = typer.Option(..., "--latents",
                                        stage_weights=_weights(stage_weights, "--stage-weights"))
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
-    train_teacher(_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes, ema_decay), latents,
+    train_teacher(train_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes, ema_decay), latents,
                   objective, init_from, dit_config, compile_blocks)
 
 

@@ -78,7 +78,7 @@ def _norm(num_groups: int, channels: int) -> nn.Module:
     """Per-frame GroupNorm, or no normalisation for ``num_groups == 0``.
 
     The nano teacher uses 0: ShapesWorld frames are mostly flat colour, where per-frame statistics come from a
-    few object pixels, and with GroupNorm the VAE stalled at mean-colour reconstructions (docs/results/nano-teacher.md).
+    few object pixels, and with GroupNorm the VAE stalled at mean-colour reconstructions (docs/journal/nano-teacher.md).
     """
     return CausalGroupNorm(num_groups, channels, eps=_GN_EPS) if num_groups else nn.Identity()
 

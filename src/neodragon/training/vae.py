@@ -24,7 +24,7 @@ class VAELossWeights:
 
     edges: float = 0.5
     # L1 alone left a freshly initialised VAE at a constant output for longer (9.9 dB after 200 steps against
-    # 16.0 dB with this term, docs/results/nano-teacher.md): its gradient grows with the error.
+    # 16.0 dB with this term, docs/journal/nano-teacher.md): its gradient grows with the error.
     mse: float = 2.0
     kl: float = 1e-6
     # The TAEHV-style decoder soft-clamps its input to +-3, so the latent means must stay small. A KL weight
@@ -32,7 +32,7 @@ class VAELossWeights:
     # std reached 1.3): an L2 penalty on the means alone keeps their scale without adding noise.
     latent_l2: float = 1e-3
     # Objects cover a few percent of a ShapesWorld frame, yet they carry everything a caption says; unweighted,
-    # the VAE learnt the backgrounds and kept the objects as faint grey blobs (docs/results/nano-teacher.md).
+    # the VAE learnt the backgrounds and kept the objects as faint grey blobs (docs/journal/nano-teacher.md).
     objects: float = 3.0
 
 

@@ -1,0 +1,58 @@
+"""``neodragon distill ...``: the compression recipes that shrink a trained model into the nano student (run under
+``accelerate launch`` for several processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from .errors import FriendlyGroup
+from .train import BATCH, LR, MAX_MINUTES, OUTPUT, SAVE, SEED, STEPS, STYLES, train_config
+
+app = typer.Typer(cls=FriendlyGroup, no_args_is_help=True,
+                  help="Compression recipes: distil a lighter component from a trained model. Every run resumes "
+                  "from its newest checkpoint in --output.")
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"four comma-separated widths such as 48,24,12,12; got {text!r}") from None
+    if len(widths) != 4 or min(widths) < 1:
+        raise typer.BadParameter(f"four positive widths such as 48,24,12,12; got {text!r}")
+    return widths
+
+
+@app.command()
+def decoder(teacher: str = typer.Option("nano", "--teacher", help="The model whose encoder and latent space are "
+                                        "kept: a preset, a checkpoint folder, or a VAE folder (`train vae` final/)."),
+            output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: float = LR,
+            save_every: int = SAVE, seed: int = SEED,
+            widths: str = typer.Option("48,24,12,12", "--widths", help="The student decoder's four widths, from "
+                                       "the latent side to the pixels (the nano teacher's: 96,64,48,48)."),
+            teacher_weight: float = typer.Option(1.0, "--teacher-weight", help="Weight of the L1 to the teacher "
+                                                 "decoder's output on the same latents (0: real frames only)."),
+            edge_weight: float = typer.Option(0.5, "--edge-weight", help="Weight of the L1 of finite differences "
+                                              "against the real frames (edges and motion)."),
+            mse_weight: float = typer.Option(2.0, "--mse-weight", help="Weight of the (object-weighted) MSE term."),
+            object_weight: float = typer.Option(3.0, "--object-weight", help="Extra weight of object pixels in the "
+                                                "L1 and MSE terms (their coverage times this)."),
+            num_frames: int = typer.Option(17, "--num-frames", help="Frames per training clip (1 + 8k)."),
+            crop: int = typer.Option(48, "--crop", help="Square training crop of the 128x128 renders (0: none)."),
+            eval_videos: int = typer.Option(32, "--eval-videos", help="Held-out videos for the final PSNR of "
+                                            "student and teacher."),
+            style: list[str] = STYLES, max_minutes: float = MAX_MINUTES) -> None:
+    """Asymmetric decoder distillation: a lighter TAEHV-style decoder for the teacher's frozen latent space; writes
+    final/ (the VAE) and checkpoint/ (the teacher's folder with it)."""
+    from ..recipes.distill_decoder import distill_decoder
+    from ..training.vae import VAELossWeights
+
+    metrics = distill_decoder(train_config(output, steps, batch_size, lr, save_every, seed, 200, max_minutes),
+                              teacher, _widths(widths),
+                              VAELossWeights(edges=edge_weight, mse=mse_weight, objects=object_weight),
+                              teacher_weight, num_frames, crop=crop or None, styles=style, eval_videos=eval_videos)
+    if metrics:
+        typer.echo(json.dumps(metrics, indent=2))
