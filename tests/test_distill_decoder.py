@@ -1,0 +1,141 @@
+"""Asymmetric decoder distillation (recipe 2): the student keeps the teacher's latent space, the loss on known
+inputs, one step, resume, export -> load -> generate, the official-scale config at reduced widths, 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from neodragon.cli import app
+from neodragon.models.vae import AsymmetricCausalVideoVAE
+from neodragon.pipelines import NeodragonPipeline
+from neodragon.presets import bundled_weights, reduced_official_preset
+from neodragon.recipes.distill_decoder import distill_decoder
+from neodragon.training.decoder_distillation import DecoderDistillation, student_vae
+from neodragon.training.trainer import TrainConfig, read_log
+from neodragon.training.vae import VAELossWeights, load_video_vae, reconstruction_losses
+
+WIDTHS = (16, 8, 8, 8)
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_video_vae("nano").float().eval()
+
+
+def video(frames=9, size=32, seed=0):
+    return torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_student_keeps_the_teachers_latent_space_and_trains_only_its_decoder(teacher):
+    student = student_vae(teacher, WIDTHS)
+    x = video()
+    with torch.no_grad():
+        torch.testing.assert_close(student.encode(x).latent_dist.mean, teacher.encode(x).latent_dist.mean,
+                                   rtol=0, atol=0)
+    assert student.latent_statistics() == teacher.latent_statistics()
+    assert student.config.decoder_num_features == list(WIDTHS)
+    trainable = {name.split(".")[0] for name, p in student.named_parameters() if p.requires_grad}
+    assert trainable == {"decoder", "post_quant_conv"}
+    with pytest.raises(ValueError, match="four positive widths"):
+        student_vae(teacher, (16, 8, 8))
+
+
+def test_distillation_loss_on_known_inputs(teacher):
+    twin = student_vae(teacher, teacher.config.decoder_num_features)
+    twin.load_state_dict(teacher.state_dict())  # a student that decodes exactly as the teacher does
+    x, weights = video(), VAELossWeights()
+    terms = DecoderDistillation(twin, teacher, weights, teacher_weight=2.0)(x)
+    assert terms["teacher_l1"] == 0
+    with torch.no_grad():
+        expected = reconstruction_losses(teacher.decode(teacher.encode(x).latent_dist.mean).sample, x, weights)
+    torch.testing.assert_close(terms["loss"], expected["loss"])
+    fresh = DecoderDistillation(student_vae(teacher, WIDTHS), teacher, weights, teacher_weight=2.0)
+    with_teacher = fresh(x)
+    assert with_teacher["teacher_l1"] > 0
+    fresh.teacher_weight = 0.0
+    without = fresh(x)
+    assert "teacher_l1" not in without
+    torch.testing.assert_close(with_teacher["loss"] - without["loss"], 2.0 * with_teacher["teacher_l1"])
+    fresh.train()
+    assert fresh.student.training and not fresh.teacher.training  # the teacher stays in eval mode
+
+
+def test_official_scale_config_at_reduced_widths():
+    """The release's case: a native causal decoder (Pyramid-Flow's) as the teacher, a TAEHV-style student."""
+    config = {**reduced_official_preset().vae, "decoder_type": "causal", "decoder_block_out_channels": [8, 8, 8, 8],
+              "decoder_layers_per_block": [1, 1, 1, 1], "decoder_norm_num_groups": 4}
+    native = AsymmetricCausalVideoVAE(**config).eval()
+    student = student_vae(native, WIDTHS)
+    assert student.config.decoder_type == "taehv" and student.config.encoder_out_channels == 16
+    terms = DecoderDistillation(student, native)(video(size=16))
+    terms["loss"].backward()
+    assert all(p.grad is None for p in student.encoder.parameters())
+    assert student.decoder.blocks[1].weight.grad is not None
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distill-decoder")
+    config = TrainConfig(output_dir=str(folder), max_steps=2, batch_size=1, warmup_steps=1, save_every=2,
+                         log_every=1)
+    metrics = distill_decoder(config, "nano", WIDTHS, crop=32, num_frames=9, eval_videos=1)
+    return folder, metrics
+
+
+def test_one_step_writes_the_student_and_the_checkpoint(run):
+    folder, metrics = run
+    assert [r["step"] for r in read_log(folder)] == [1, 2] and "teacher_l1" in read_log(folder)[0]
+    assert metrics["student_decoder_parameters"] < metrics["teacher_decoder_parameters"] / 4
+    assert json.loads((folder / "final" / "metrics.json").read_text()) == metrics
+    checkpoint = folder / "checkpoint"
+    assert not (checkpoint / "adapters").exists()  # the teacher's decoder adapters do not fit the new decoder
+    bundle = bundled_weights("nano")
+    dit = "diffusion_transformer_320p_multistep_t2v/diffusion_pytorch_model.safetensors"
+    assert (checkpoint / dit).read_bytes() == (bundle / dit).read_bytes()
+    vae_config = json.loads((checkpoint / "causal_video_vae" / "config.json").read_text())
+    assert vae_config["decoder_num_features"] == list(WIDTHS) and "_name_or_path" not in vae_config
+
+
+def test_resume_continues_from_the_checkpoint(run, tmp_path):
+    import shutil
+
+    folder, _ = run
+    shutil.copytree(folder, tmp_path / "run")
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=1, warmup_steps=1, save_every=3,
+                         log_every=1)
+    distill_decoder(config, "nano", WIDTHS, crop=32, num_frames=9, eval_videos=1)
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_exported_checkpoint_loads_and_generates(run):
+    folder, _ = run
+    pipe = NeodragonPipeline.from_pretrained(folder / "checkpoint")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae.config.decoder_num_features == list(WIDTHS)
+    frames = pipe("a red circle moving to the right", num_frames=9, num_inference_steps=1, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 9, 128, 128, 3)
+
+
+def test_cli_rejects_bad_widths(tmp_path):
+    result = CliRunner().invoke(app, ["distill", "decoder", "-o", str(tmp_path / "x"), "--widths", "16,8"])
+    assert result.exit_code != 0 and "four positive widths" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_two_process_distillation_smoke(tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "neodragon", "distill", "decoder", "-o", str(tmp_path / "ddp"), "--widths", "16,8,8,8",
+               "--steps", "2", "--batch-size", "1", "--save-every", "2", "--crop", "32", "--num-frames", "9",
+               "--eval-videos", "1"]
+    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_log(tmp_path / "ddp")[-1]["step"] == 2
+    assert (tmp_path / "ddp" / "checkpoint" / "causal_video_vae" / "config.json").is_file()
