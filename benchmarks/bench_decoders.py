@@ -26,7 +26,7 @@ from bench_core import ReportHead, finish_report
 from neodragon.data import STYLES
 from neodragon.eval.judge import real_videos
 from neodragon.eval.reconstruction import reconstruction_psnr
-from neodragon.training.vae import load_video_vae
+from neodragon.presets import load_video_vae
 
 
 @dataclass

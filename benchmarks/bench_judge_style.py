@@ -23,7 +23,7 @@ from neodragon.data import STYLES
 from neodragon.eval.judge import grid_blur, load_judge, real_videos, scene_dict
 from neodragon.eval.metrics import accuracy_table
 from neodragon.eval.reconstruction import reconstruct
-from neodragon.training.vae import load_video_vae
+from neodragon.presets import load_video_vae
 from neodragon.utils.video import atomic_path
 
 BLURS = {"grid blur 0.3": (0.3, False), "grid blur 0.6": (0.6, False), "grid blur 0.6, blocky": (0.6, True)}

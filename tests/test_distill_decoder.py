@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 from neodragon.cli import app
 from neodragon.models.vae import AsymmetricCausalVideoVAE
 from neodragon.pipelines import NeodragonPipeline
-from neodragon.presets import bundled_weights, reduced_official_preset
+from neodragon.presets import bundled_weights, load_video_vae, reduced_official_preset
 from neodragon.recipes.distill_decoder import distill_decoder
 from neodragon.training.decoder_distillation import DecoderDistillation, student_vae
 from neodragon.training.trainer import TrainConfig, read_log
-from neodragon.training.vae import VAELossWeights, load_video_vae, reconstruction_losses
+from neodragon.training.vae import VAELossWeights, reconstruction_losses
 
 WIDTHS = (16, 8, 8, 8)
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

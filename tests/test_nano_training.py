@@ -24,7 +24,7 @@ from neodragon.models.text import TextEncoding
 from neodragon.models.vae import LATENT_STATISTICS, AsymmetricCausalVideoVAE
 from neodragon.pipelines import NeodragonPipeline
 from neodragon.pipelines.neodragon import SUBFOLDERS
-from neodragon.presets import bundled_weights, nano_teacher_preset
+from neodragon.presets import bundled_weights, load_video_vae, nano_teacher_preset
 from neodragon.recipes.teacher import export_teacher, grow_depth, respace_positions, teacher_dit_config, train_teacher
 from neodragon.recipes.vae import train_vae
 from neodragon.schedulers import PyramidFlowMatchScheduler
@@ -41,7 +41,6 @@ from neodragon.training.latents import CaptionEncodings, LatentCache, encode_lat
 from neodragon.training.trainer import TrainConfig, read_log
 from neodragon.training.vae import (
     VAELossWeights,
-    load_video_vae,
     start_nearly_deterministic,
     vae_losses,
     variance_preserving_init,

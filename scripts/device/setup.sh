@@ -18,7 +18,7 @@ encode_in_parallel() {
   local pids=()
   for rank in $(seq 0 $(($3 - 1))); do
     OMP_NUM_THREADS=1 python3 -c "from neodragon.training.latents import encode_latents
-from neodragon.training.vae import load_video_vae
+from neodragon.presets import load_video_vae
 encode_latents(load_video_vae('nano'), '$1', $2, rank=$rank, world=$3, device='$DEVICE'${4:+, $4})" &
     pids+=($!)
   done

@@ -188,6 +188,32 @@ def bundled_weights(name: str = "nano") -> Path | None:
     return folder if (folder / SUBFOLDERS["vae"]).is_dir() else None
 
 
+def local_folder(source: str | Path) -> Path:
+    """The folder ``source`` names: a local folder, or a preset's bundled weights (a folder of that name wins)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir() or str(source) not in PRESETS:
+        return folder
+    bundled = bundled_weights(str(source))
+    if bundled is None:
+        raise FileNotFoundError(f"No trained weights are bundled for the '{source}' preset.")
+    return bundled
+
+
+def video_vae_folder(source: str | Path) -> Path:
+    """The VAE folder of ``source``: the ``final/`` of `train vae`, a checkpoint folder in the pipeline layout, or a
+    bundled preset's name (``nano``: the latent space the bundled DiT was trained in)."""
+    folder = local_folder(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"VAE folder {folder} does not exist: pass the final/ of `neodragon train vae`, a "
+                                "checkpoint folder, or 'nano' for the bundled model's VAE.")
+    return folder / SUBFOLDERS["vae"] if (folder / SUBFOLDERS["vae"]).is_dir() else folder
+
+
+def load_video_vae(source: str | Path) -> AsymmetricCausalVideoVAE:
+    """The trained VAE of ``source`` (``video_vae_folder``)."""
+    return AsymmetricCausalVideoVAE.from_pretrained(video_vae_folder(source))
+
+
 def load_pipeline(model: str = "nano", mode: str | None = None, torch_dtype: torch.dtype | None = None,
                   cache_dir: str | Path | None = None, **kwargs) -> NeodragonPipeline:
     """A preset name (bundled weights; a preset without them is built with seeded random weights, with a

@@ -17,13 +17,11 @@ app = typer.Typer(cls=FriendlyGroup, no_args_is_help=True,
 
 
 def _widths(text: str) -> list[int]:
+    """``"48,24,12,12"`` -> [48, 24, 12, 12]; ``student_vae`` says what makes a valid set."""
     try:
-        widths = [int(part) for part in text.split(",")]
+        return [int(part) for part in text.split(",")]
     except ValueError:
         raise typer.BadParameter(f"four comma-separated widths such as 48,24,12,12; got {text!r}") from None
-    if len(widths) != 4 or min(widths) < 1:
-        raise typer.BadParameter(f"four positive widths such as 48,24,12,12; got {text!r}")
-    return widths
 
 
 @app.command()

@@ -114,18 +114,15 @@ def vae(
     """Reconstruct real held-out ShapesWorld videos with a VAE; PSNR and the judge's accuracy on them, per style."""
     from ..eval.reconstruction import judged_reconstructions
     from ..models.vae import AsymmetricCausalVideoVAE
-    from ..pipelines.neodragon import SUBFOLDERS
+    from ..presets import video_vae_folder
     from ..utils.video import atomic_path
 
     check_new_output(out, overwrite)
-    if not folder.exists():
-        from ..presets import bundled_weights
-
-        folder = bundled_weights(str(folder)) or folder  # a preset name such as 'nano'
-    if not folder.exists():
+    try:
+        source = video_vae_folder(folder)
+    except FileNotFoundError:
         fail(f"cannot load a VAE from {folder}: no such folder. Pass 'nano', the final/ of `neodragon train vae` "
              "or a checkpoint folder.")
-    source = folder / SUBFOLDERS["vae"] if (folder / SUBFOLDERS["vae"]).is_dir() else folder
     check_weight_files(source)
     try:
         model = AsymmetricCausalVideoVAE.from_pretrained(source).eval()

@@ -96,8 +96,8 @@ def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VA
     on each process's accelerator, rendering on its CPU)."""
     from accelerate import PartialState
 
+    from ..presets import load_video_vae
     from ..training.latents import encode_latents as encode
-    from ..training.vae import load_video_vae
 
     state = PartialState()
     encode(load_video_vae(vae_dir), output, num_videos, batch_size, seed, state.process_index, state.num_processes,

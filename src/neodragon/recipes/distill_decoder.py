@@ -15,11 +15,11 @@ from accelerate.utils import set_seed
 from ..eval.reconstruction import reconstruction_psnr
 from ..models.vae import AsymmetricCausalVideoVAE
 from ..pipelines.neodragon import SUBFOLDERS
-from ..presets import PRESETS, bundled_weights
+from ..presets import load_video_vae, local_folder
 from ..training.clips import clip_batch, video_batch
 from ..training.decoder_distillation import DecoderDistillation, student_vae
 from ..training.trainer import TrainConfig, Trainer, cycle_indices
-from ..training.vae import VAELossWeights, load_video_vae
+from ..training.vae import VAELossWeights
 from ..utils.checkpoint import strip_machine_paths
 
 # Folders of the teacher's checkpoint that the new decoder does not fit: decoder adapters are trained on the
@@ -72,8 +72,8 @@ def _held_out_psnr(student, teacher, count: int, size: int, seed: int) -> dict:
 
 def _checkpoint_folder(teacher: str | Path) -> Path | None:
     """The checkpoint folder ``teacher`` names, if it names one (a preset, or a folder in the pipeline layout)."""
-    folder = bundled_weights(str(teacher)) if str(teacher) in PRESETS and not Path(teacher).is_dir() else Path(teacher)
-    return folder if folder is not None and (folder / SUBFOLDERS["vae"]).is_dir() else None
+    folder = local_folder(teacher)
+    return folder if (folder / SUBFOLDERS["vae"]).is_dir() else None
 
 
 def export_with_decoder(checkpoint: str | Path, vae_dir: str | Path, out_dir: str | Path,

@@ -16,7 +16,7 @@ from torch import nn
 from ..models.mmdit import JointTransformerBlock, PyramidMMDiT
 from ..models.sentence import SentenceTextEncoder
 from ..pipelines.neodragon import SUBFOLDERS, PipelineConfig
-from ..presets import nano_teacher_preset
+from ..presets import load_video_vae, nano_teacher_preset
 from ..schedulers import PyramidFlowMatchScheduler
 from ..training.flow_matching import (
     FlowMatchingConfig,
@@ -26,7 +26,6 @@ from ..training.flow_matching import (
 )
 from ..training.latents import CaptionEncodings, LatentCache
 from ..training.trainer import TrainConfig, Trainer
-from ..training.vae import load_video_vae
 from ..utils.checkpoint import strip_machine_paths
 
 

@@ -7,15 +7,12 @@ pretrained network, so it works offline, and it keeps thin outlines and motion s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..models.vae import AsymmetricCausalVideoVAE, CausalResnetBlock3D, MemBlock
-from ..pipelines.neodragon import SUBFOLDERS
-from ..presets import PRESETS, bundled_weights
 
 
 @dataclass
@@ -88,22 +85,6 @@ def latent_statistics(vae: AsymmetricCausalVideoVAE, videos: torch.Tensor) -> di
     first, rest = z[:, :, :1], z[:, :, 1:]
     return {"image_latent_shift": first.mean().item(), "image_latent_scale": 1.0 / first.std().item(),
             "video_latent_shift": rest.mean().item(), "video_latent_scale": 1.0 / rest.std().item()}
-
-
-def load_video_vae(source: str | Path) -> AsymmetricCausalVideoVAE:
-    """A trained VAE: the ``final/`` of `train vae`, a checkpoint folder in the pipeline layout, or a bundled
-    preset's name (``nano``: the latent space the bundled DiT was trained in, without the training run's folder)."""
-    folder = Path(source)
-    if not folder.is_dir() and str(source) in PRESETS:
-        folder = bundled_weights(str(source))
-        if folder is None:
-            raise FileNotFoundError(f"No trained weights are bundled for the '{source}' preset.")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"VAE folder {folder} does not exist: pass the final/ of `neodragon train vae`, a "
-                                "checkpoint folder, or 'nano' for the bundled model's VAE.")
-    if (folder / SUBFOLDERS["vae"]).is_dir():
-        folder = folder / SUBFOLDERS["vae"]
-    return AsymmetricCausalVideoVAE.from_pretrained(folder)
 
 
 def start_nearly_deterministic(vae: AsymmetricCausalVideoVAE, log_variance: float = -10.0) -> None:
