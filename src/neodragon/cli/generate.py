@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from .errors import check_new_output, check_weight_files, console, fail, warn
+
+if TYPE_CHECKING:
+    from ..pipelines import NeodragonPipeline
+    from ..pipelines.batch import BatchJob, Ranks
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -65,8 +71,20 @@ def show_warnings(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def generate(
-    prompt: str = typer.Argument(..., help="What the video shows, e.g. 'a red circle moving to the right'."),
-    output: Path = typer.Option(Path("out.mp4"), "-o", "--output", help="Where to write the mp4."),
+    prompt: str = typer.Argument(None, metavar="PROMPT", show_default=False, help="What the video shows, e.g. 'a "
+                                 "red circle moving to the right'. Leave it out with --prompts-file."),
+    prompts_file: Path = typer.Option(None, "--prompts-file", metavar="FILE", exists=True, dir_okay=False,
+                                      help="Make one video per line of FILE into the -o folder, with a manifest.jsonl "
+                                      "of what was written: a line is a prompt, or a JSON object (every line of a "
+                                      ".jsonl file, and any line starting with {) with \"prompt\" and optionally "
+                                      "\"seed\", \"name\" (the file name without .mp4) and any of num_frames, "
+                                      "steps, video_steps, guidance, video_guidance, negative_prompt. Blank lines "
+                                      "are errors. Videos already there are skipped, so a rerun resumes. Under "
+                                      "accelerate launch or torchrun the processes share the prompts and make the "
+                                      "same videos."),
+    output: Path = typer.Option(None, "-o", "--output", show_default=False, help="Where to write the mp4 (default: "
+                                "out.mp4); with --prompts-file, the folder for the videos and the manifest "
+                                "(default: videos)."),
     model: str = typer.Option("nano", "--model", help="A preset ('nano', the bundled default; see `neodragon info`), "
                               "a checkpoint folder, or a hub id."),
     mode: str = typer.Option(None, "--mode", help="hybrid or monolithic (default: the model's)."),
@@ -74,7 +92,8 @@ def generate(
     height: int = typer.Option(None, "--height", help="Video height in pixels, a multiple of 64 (default: the "
                                "model's)."),
     width: int = typer.Option(None, "--width", help="Video width in pixels, a multiple of 64 (default: the model's)."),
-    seed: int = typer.Option(0, "--seed", help="Same seed, same video."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same video. With --prompts-file, a line without its own "
+                             "seed gets this seed plus its line number minus 1."),
     steps: str = typer.Option(None, "--steps", help="Steps per pyramid stage for every frame, e.g. 20,20,20 or 4 "
                               "(default: the model's)."),
     video_steps: str = typer.Option(None, "--video-steps", help="Steps per stage for the frames after the first "
@@ -86,18 +105,44 @@ def generate(
     negative_prompt: str = typer.Option(None, "--negative-prompt", help="What CFG steers away from (default: the "
                                         "model's)."),
     sr: bool = typer.Option(False, "--sr/--no-sr", help="2x super-resolution (needs a super_resolution/ model)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ... (cuda under several processes: "
+                               "each process's own GPU)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     fps: int = typer.Option(None, "--fps", min=1, help="Frames per second of the mp4 (default: the model's)."),
     preview: Path = typer.Option(None, "--preview", help="Also write a contact sheet (.png) or animation (.gif)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (with --prompts-file: "
+                                   "remake the videos already there instead of skipping them)."),
     adapter: list[str] = typer.Option(None, "--adapter", metavar="FOLDER|NAME",
                                       help="A trained adapter folder (the final/ of `neodragon adapter train`) or "
                                       "the name of one the model ships (`neodragon info`); repeat to apply several "
                                       "together."),
 ) -> None:
-    """Generate a video from a text prompt and write it as an mp4."""
+    """Generate a video from a text prompt and write it as an mp4, or one video per line of a prompts file.
+
+    With --prompts-file FILE -o DIR, line n of FILE (from 1) becomes DIR/NNNN-its-first-words.mp4 with NNNN = n - 1
+    and seed --seed + n - 1, unless the line sets its own "name" or "seed"; DIR/manifest.jsonl lists every video
+    (name, prompt, seed, options, written or skipped). Under `torchrun --standalone --nproc_per_node N -m neodragon
+    generate ...` or `accelerate launch --num_processes N -m neodragon generate ...` the N processes share the
+    lines and make the same videos as one process.
+    """
     started = time.perf_counter()
+    if prompts_file is not None:
+        if prompt is not None:
+            fail("give a PROMPT or --prompts-file, not both.", code=2)
+        _check_batch_flags(output, preview, dtype)
+        settings = {"num_frames": num_frames, "height": height, "width": width, "steps": parse_steps(steps),
+                    "video_steps": parse_steps(video_steps, "--video-steps"), "guidance": guidance,
+                    "video_guidance": video_guidance, "negative_prompt": negative_prompt, "sr": sr or None}
+        folder = output or Path("videos")
+        jobs = _read_jobs(prompts_file, folder, seed)
+        check_weight_files(local_checkpoint(model))
+        _generate_batch(jobs, prompts_file, folder, settings, fps, overwrite, started,
+                        lambda ranks: _load_pipeline(model, mode, dtype, adapter, ranks.device(device)))
+        return
+    if prompt is None:
+        fail("Missing argument 'PROMPT': give a prompt, e.g. 'a red circle moving to the right', or --prompts-file "
+             "FILE (see 'neodragon generate --help').", code=2)
+    output = output or Path("out.mp4")
     if not prompt.strip():
         fail("the prompt must be non-empty text, e.g. 'a red circle moving to the right'.")
     if output.suffix.lower() != ".mp4":
@@ -113,17 +158,13 @@ def generate(
 
     import torch
 
-    from ..presets import load_pipeline
     from ..utils.video import export_to_video, save_preview
 
     quiet_loading()
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = show_warnings  # restored when the block ends
-        pipe = load_pipeline(model, mode=mode, torch_dtype=getattr(torch, DTYPES[dtype]))
-        if adapter:
-            _attach_adapters(pipe, model, adapter)
-        pipe.to(device)
+        pipe = _load_pipeline(model, mode, dtype, adapter, device)
         generation_started = time.perf_counter()
         frames = pipe(
             prompt, num_frames=num_frames, height=height, width=width, num_inference_steps=step_list,
@@ -142,6 +183,70 @@ def generate(
     console.print(f"wrote {written}: {count}, {width_px}x{height_px} at {fps} fps, {pipe.mode} mode, seed {seed}, "
                   f"generation {generation_s:.1f} s, whole command {time.perf_counter() - started:.1f} s",
                   highlight=False, markup=False, soft_wrap=True)
+
+
+def _load_pipeline(model: str, mode: str | None, dtype: str, adapters: list[str] | None,
+                   device: str) -> NeodragonPipeline:
+    import torch
+
+    from ..presets import load_pipeline
+
+    pipe = load_pipeline(model, mode=mode, torch_dtype=getattr(torch, DTYPES[dtype]))
+    if adapters:
+        _attach_adapters(pipe, model, adapters)
+    return pipe.to(device)
+
+
+def _check_batch_flags(output: Path | None, preview: Path | None, dtype: str) -> None:
+    if output is not None and output.suffix.lower() == ".mp4":
+        fail(f"with --prompts-file, -o names the folder for the videos; got {output}")
+    if preview is not None:
+        fail("--preview is for one prompt; leave it out with --prompts-file.")
+    if dtype not in DTYPES:
+        fail(f"--dtype must be one of {', '.join(sorted(set(DTYPES)))}; got {dtype!r}")
+
+
+def _read_jobs(prompts_file: Path, folder: Path, seed: int) -> list[BatchJob]:
+    from ..pipelines.batch import MANIFEST, read_prompts_file
+
+    check_new_output(folder / MANIFEST, overwrite=True)  # the folder can hold new files
+    try:
+        return read_prompts_file(prompts_file, seed)
+    except ValueError as err:
+        fail(str(err))
+
+
+def _generate_batch(jobs: list[BatchJob], prompts_file: Path, folder: Path, settings: dict, fps: int | None,
+                    overwrite: bool, started: float, load: Callable[[Ranks], NeodragonPipeline]) -> None:
+    """One video per job into ``folder``: this process's share of them, and on rank 0 the manifest of all of them
+    once every process is done."""
+    from ..pipelines.batch import Ranks, check_jobs, gather_records, generate_jobs, process_group, shard, write_manifest
+
+    ranks = Ranks.from_env()
+    quiet_loading()
+    with warnings.catch_warnings():
+        if ranks.rank == 0:
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = show_warnings
+        else:
+            warnings.simplefilter("ignore", UserWarning)  # every rank checks every line; rank 0 says it once
+        pipe = load(ranks)
+        try:
+            check_jobs(pipe, jobs, settings, prompts_file)
+        except ValueError as err:
+            fail(str(err))
+    with process_group(ranks):
+        records = generate_jobs(pipe, shard(jobs, ranks.rank, ranks.world_size), folder, settings,
+                                fps or pipe.pipeline_config.fps, overwrite, progress=ranks.rank == 0)
+        records = gather_records(records, ranks)
+    if records is None:
+        return
+    manifest = write_manifest(folder, records)
+    made = sum(record["status"] == "written" for record in records)
+    processes = f"{ranks.world_size} process" + ("es" if ranks.world_size != 1 else "")
+    console.print(f"wrote {made} of {len(records)} videos into {folder} ({len(records) - made} already there, "
+                  f"skipped) and {manifest}: {pipe.mode} mode, {processes}, whole command "
+                  f"{time.perf_counter() - started:.1f} s", highlight=False, markup=False, soft_wrap=True)
 
 
 def _attach_adapters(pipe, model: str, adapters: list[str]) -> None:
