@@ -130,12 +130,13 @@ def test_cli_rejects_bad_widths(tmp_path):
 
 
 def test_two_process_distillation_smoke(tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "neodragon", "distill", "decoder", "-o", str(tmp_path / "ddp"), "--widths", "16,8,8,8",
                "--steps", "2", "--batch-size", "1", "--save-every", "2", "--crop", "32", "--num-frames", "9",
                "--eval-videos", "1"]
     result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert read_log(tmp_path / "ddp")[-1]["processes"] == 2
     assert read_log(tmp_path / "ddp")[-1]["step"] == 2
     assert (tmp_path / "ddp" / "checkpoint" / "causal_video_vae" / "config.json").is_file()

@@ -391,12 +391,13 @@ def test_exported_and_bundled_configs_name_no_machine_folder(exported, vae_run, 
 
 
 def test_two_process_training_smoke(latents, tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "neodragon", "train", "teacher", "--latents", str(latents), "-o", str(tmp_path / "ddp"),
                "--steps", "2", "--batch-size", "1", "--save-every", "2"]
     result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert read_log(tmp_path / "ddp")[-1]["processes"] == 2
     assert read_log(tmp_path / "ddp")[-1]["step"] == 2
     assert (tmp_path / "ddp" / "final" / WEIGHTS).is_file()
 

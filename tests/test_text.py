@@ -175,3 +175,22 @@ def test_bundle_missing_subfolder(bundle, tmp_path):
 def test_bundle_needs_a_pooled_encoder(bundle):
     with pytest.raises(ValueError):
         TextEncoderBundle([], (bundle.token_tokenizer, bundle.token_encoder))
+
+
+def test_bundle_loads_a_plain_t5_encoder_as_its_token_stream(bundle, tmp_path):
+    """Pyramid-Flow's SD3 text stack keeps T5-XXL as a plain T5EncoderModel: the teacher of DT5 distillation."""
+    from transformers import T5Config, T5EncoderModel
+
+    bundle.save_pretrained(tmp_path)
+    dt5 = bundle.token_encoder.config.to_dict()
+    plain = T5EncoderModel(T5Config(**{k: v for k, v in dt5.items() if k not in (
+        "project_in_dim", "out_dim", "project_out_dim", "architectures", "model_type")}))
+    plain.encoder.load_state_dict(bundle.token_encoder.encoder.encoder.state_dict())
+    plain.save_pretrained(tmp_path / "text_encoder_3")
+    loaded = TextEncoderBundle.from_pretrained(tmp_path)
+    assert isinstance(loaded.token_encoder, T5EncoderModel)
+    assert loaded.token_dim == bundle.token_encoder.config.d_model
+    encoding = loaded.encode(["a cat runs"])
+    hidden = bundle.token_encoder.encoder(**{k: v for k, v in bundle.tokenize(["a cat runs"]).items()
+                                            if k in ("input_ids", "attention_mask")})[0]
+    torch.testing.assert_close(encoding.tokens, hidden)

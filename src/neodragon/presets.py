@@ -20,17 +20,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from .data import caption_vocabulary
 from .models.context_adapter import ContextAdapter
 from .models.mmdit import PyramidMMDiT
 from .models.sentence import SentenceTextEncoder
 from .models.sr import QuickSRNet
-from .models.text import TextEncoderBundle, tiny_text_bundle
+from .models.text import StudentTextConfig, TextEncoderBundle, student_text_stack, subset_tokenizer, tiny_text_bundle
 from .models.vae import AsymmetricCausalVideoVAE
 from .pipelines.neodragon import SUBFOLDERS, ModeDefaults, NeodragonPipeline, PipelineConfig
 from .schedulers import PyramidFlowMatchScheduler
-from .utils.checkpoint import package_weights
+from .utils.checkpoint import package_weights, packaged_model_dir
 
 # The nano tokenizers' vocabulary: every word of ShapesWorld's captions, plus the prompt-modifier words.
 NANO_VOCAB = (*caption_vocabulary(), *"hyper quality ultra hd 8k cinematic realistic textures high detail".split())
@@ -44,7 +45,9 @@ class Preset:
     dit: dict
     context_adapter: dict | None  # None: the DiT reads the text tokens through its own context_embedder
     vae: dict
-    text: dict  # tiny_text_bundle arguments, or {"sentence_encoder": name, "max_sequence_length": n}
+    # tiny_text_bundle arguments, {"sentence_encoder": name, "max_sequence_length": n}, or the distilled student of
+    # such an encoder: {"distilled_from": name, "max_sequence_length": n, "student": StudentTextConfig}
+    text: dict
     pipeline: PipelineConfig
     super_resolution: dict | None = None
     ssd_1b: dict | None = None
@@ -52,19 +55,22 @@ class Preset:
 
 
 def nano_student_preset() -> Preset:
-    """The nano student: 17 frames at 128x128 (2x SR to 256x256), 8-channel latent 3x16x16, a 6-block 128-wide DiT
-    read through a DT5 + ContextAdapter text stack."""
+    """The nano student, what the compression recipes make of the nano teacher: 17 frames at 128x128 (2x SR to
+    256x256), the teacher's 8-channel latent space and 6-block 128-wide DiT, read through the distilled text stack
+    (DT5 + ContextAdapter, small pooled encoders, the teacher's tokenizer cut to the caption vocabulary;
+    `neodragon distill text-encoder`) and decoded by the distilled 64,32,16,16 decoder (`neodragon distill
+    decoder`)."""
+    text = StudentTextConfig()
     return Preset(
         name="nano-student",
         dit=dict(sample_size=16, patch_size=2, in_channels=8, num_layers=6, attention_head_dim=32,
-                 num_attention_heads=4, caption_projection_dim=128, pooled_projection_dim=48,
-                 pos_embed_max_size=16, max_num_frames=32, joint_attention_dim=64),
-        context_adapter=dict(input_dims=64, output_dims=128, layer_depths=[128, 128], skips=[True, True]),
+                 num_attention_heads=4, caption_projection_dim=128, pooled_projection_dim=384,
+                 pos_embed_max_size=16, max_num_frames=32, joint_attention_dim=384),
+        context_adapter=text.adapter_config(output_dims=128),
         vae=dict(encoder_out_channels=8, encoder_layers_per_block=[1, 1, 1, 1],
                  encoder_block_out_channels=[16, 32, 64, 64], encoder_norm_num_groups=0,
-                 decoder_num_features=[64, 48, 32, 32], sample_size=128),
-        text=dict(vocab_words=NANO_VOCAB, pooled_dims=(16, 32), token_dim=64, hidden_size=32,
-                  max_sequence_length=32, clip_max_length=32),
+                 decoder_num_features=[64, 32, 16, 16], sample_size=128),
+        text={"distilled_from": "all-MiniLM-L6-v2", "max_sequence_length": 32, "student": text},
         super_resolution=dict(num_channels=32, num_intermediate_layers=2),
         pipeline=PipelineConfig(
             height=128, width=128, num_frames=17, fps=8, default_mode="monolithic", first_frame="pyramid_dit",
@@ -85,7 +91,7 @@ def nano_teacher_preset() -> Preset:
     student = nano_student_preset()
     return Preset(
         name="nano-teacher",
-        dit={**student.dit, "use_context_embedder": True, "joint_attention_dim": 384, "pooled_projection_dim": 384},
+        dit={**student.dit, "use_context_embedder": True},
         context_adapter=None,
         vae={**student.vae, "decoder_num_features": [96, 64, 48, 48]},
         text={"sentence_encoder": "all-MiniLM-L6-v2", "max_sequence_length": 32},
@@ -138,9 +144,15 @@ def create_random_checkpoint(preset: Preset, root: str | Path, seed: int = 0) ->
 
 
 def _build_text_stack(preset: Preset, seed: int) -> TextEncoderBundle | SentenceTextEncoder:
-    if "sentence_encoder" in preset.text:
-        return SentenceTextEncoder.from_source(preset.text["sentence_encoder"], preset.text["max_sequence_length"])
-    return tiny_text_bundle(seed=seed, **preset.text)
+    text = preset.text
+    if "sentence_encoder" in text:
+        return SentenceTextEncoder.from_source(text["sentence_encoder"], text["max_sequence_length"])
+    if "distilled_from" in text:
+        teacher = AutoTokenizer.from_pretrained(packaged_model_dir(text["distilled_from"]))
+        tokenizer = subset_tokenizer(teacher, NANO_VOCAB, text["max_sequence_length"])
+        pooled_dim = preset.dit["pooled_projection_dim"]
+        return student_text_stack(tokenizer, pooled_dim, text["student"], text["max_sequence_length"])
+    return tiny_text_bundle(seed=seed, **text)
 
 
 def _write_tiny_ssd1b(root: Path, image_size: int) -> None:

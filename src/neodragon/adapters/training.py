@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from peft import get_peft_model
 from torch import nn
 
@@ -54,7 +53,7 @@ from ..pipelines.neodragon import NeodragonPipeline
 from ..training.clips import object_crop_offset
 from ..training.flow_matching import FlowMatchingConfig, batch_flow_matching_loss, flow_matching_batches
 from ..training.latents import CaptionEncodings, LatentCache
-from ..training.trainer import TrainConfig, Trainer, cycle_indices, read_log
+from ..training.trainer import TrainConfig, Trainer, cycle_indices, make_accelerator, read_log
 from ..training.vae import VAELossWeights, reconstruction_losses
 from .foura import FouraConfig
 from .loading import INFO_FILE, SHIRA_FILE, adapted_module, check_component
@@ -319,7 +318,7 @@ def train_adapter(pipe: NeodragonPipeline, config: TrainConfig, recipe: AdapterR
 
     ``data`` (from ``encode_training_data``) lets several runs share one encoded training set.
     """
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = make_accelerator(config.mixed_precision)
     if data is None:
         data = encode_training_data(pipe, recipe, config.seed)
     objective = _dit_objective if recipe.component == "dit" else _decoder_objective

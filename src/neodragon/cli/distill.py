@@ -54,3 +54,38 @@ def decoder(teacher: str = typer.Option("nano", "--teacher", help="The model who
                               teacher_weight, num_frames, crop=crop or None, styles=style, eval_videos=eval_videos)
     if metrics:
         typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command("text-encoder")
+def text_encoder(teacher: str = typer.Option("nano", "--teacher", help="The model whose text conditioning is "
+                                             "distilled: a preset or a checkpoint folder (its DiT stays frozen)."),
+                 output: Path = OUTPUT, steps: int = typer.Option(3000, "--steps", help="Total optimiser steps (a "
+                                                                  "resumed run continues up to this)."),
+                 batch_size: int = typer.Option(64, "--batch-size", help="Prompts per process and step."),
+                 lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (linear warm-up, then cosine "
+                                          "decay to 10% of it)."),
+                 save_every: int = SAVE, seed: int = SEED,
+                 mode: str = typer.Option("trainable-dt5", "--mode", help="replace: train the ContextAdapter (and "
+                                          "pooled encoders) on a frozen DT5 (the paper's deployed mode; give the "
+                                          "DT5 with --init-text-encoder); trainable-dt5: train DT5 too."),
+                 prompts: int = typer.Option(20000, "--prompts", help="Distinct grammar prompts to distil on."),
+                 init_text_encoder: Path = typer.Option(None, "--init-text-encoder", help="Start the student text "
+                                                        "stack from this folder (final/ of an earlier run)."),
+                 trajectory_weight: float = typer.Option(0.0, "--trajectory-weight", help="Weight of DistillT5's "
+                                                         "trajectory term: the frozen DiT's velocity under student vs "
+                                                         "teacher conditioning along the teacher's sampling path."),
+                 trajectory_prompts: int = typer.Option(256, "--trajectory-prompts", help="Prompts whose sampling "
+                                                        "path is recorded for the trajectory term."),
+                 max_minutes: float = MAX_MINUTES) -> None:
+    """Prompt-only text-encoder distillation: a DT5 + ContextAdapter student replaces the teacher's text encoder
+    and context embedder; writes final/ (the text stack) and checkpoint/ (the teacher's folder with it)."""
+    from ..recipes.distill_text_encoder import distill_text_encoder
+    from ..training.text_distillation import MODES
+
+    if mode not in MODES:
+        raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}; got {mode!r}")
+    metrics = distill_text_encoder(train_config(output, steps, batch_size, lr, save_every, seed, 100, max_minutes),
+                                   teacher, mode, num_prompts=prompts, init_text_encoder=init_text_encoder,
+                                   trajectory_weight=trajectory_weight, trajectory_prompts=trajectory_prompts)
+    if metrics:
+        typer.echo(json.dumps(metrics, indent=2))

@@ -98,8 +98,9 @@ def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VA
 
     from ..presets import load_video_vae
     from ..training.latents import encode_latents as encode
+    from ..training.trainer import cpu_only
 
-    state = PartialState()
+    state = PartialState(cpu=cpu_only())
     encode(load_video_vae(vae_dir), output, num_videos, batch_size, seed, state.process_index, state.num_processes,
            style, state.device)
 

@@ -1,13 +1,17 @@
-"""Text conditioning: DT5 (T5 encoder + projection), CLIP pooled encoders, offline word tokenizers (§6)."""
+"""Text conditioning: DT5 (T5 encoder + projection), CLIP pooled encoders, offline word tokenizers (§6), and the
+nano student's text stack that text-encoder distillation trains."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -34,7 +38,10 @@ __all__ = [
     "T5ProjectionConfig",
     "TextEncoderBundle",
     "TextEncoding",
+    "StudentTextConfig",
     "build_word_tokenizer",
+    "student_text_stack",
+    "subset_tokenizer",
     "tiny_text_bundle",
 ]
 
@@ -125,7 +132,7 @@ def build_word_tokenizer(
     ``kind="t5"``: ``<pad>`` = 0, ``</s>`` = 1 appended, ``<unk>`` = 2. ``kind="clip"``: ``<|startoftext|>`` and
     ``<|endoftext|>`` wrap every sequence and the pad token is the eos token, as in CLIP.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import models, normalizers, pre_tokenizers, processors
 
     if kind == "t5":
         specials = ["<pad>", "</s>", "<unk>"]
@@ -203,7 +210,8 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 class TextEncoderBundle(nn.Module):
-    """CLIP-style pooled encoders (pooled = concat of their ``text_embeds``) plus the DT5 token encoder.
+    """CLIP-style pooled encoders (pooled = concat of their ``text_embeds``) plus the DT5 token encoder (or a plain T5
+    encoder: Pyramid-Flow's T5-XXL, the teacher that DT5 is distilled from).
 
     DT5 inputs are padded/truncated to ``max_sequence_length`` (default: 128, or the token tokenizer's
     ``model_max_length`` when that is shorter).
@@ -212,7 +220,7 @@ class TextEncoderBundle(nn.Module):
     def __init__(
         self,
         pooled_encoders: Sequence[tuple[PreTrainedTokenizerBase, CLIPTextModelWithProjection]],
-        token_encoder: tuple[PreTrainedTokenizerBase, T5EncoderWithProjection],
+        token_encoder: tuple[PreTrainedTokenizerBase, T5EncoderWithProjection | T5EncoderModel],
         max_sequence_length: int | None = None,
     ) -> None:
         super().__init__()
@@ -234,40 +242,39 @@ class TextEncoderBundle(nn.Module):
 
     @property
     def token_dim(self) -> int:
-        return self.token_encoder.config.project_out_dim
+        config = self.token_encoder.config
+        return getattr(config, "project_out_dim", config.d_model)
 
     def token_counts(self, prompts: Sequence[str]) -> list[int]:
         """Untruncated length of each prompt's token stream (``encode`` keeps the first ``max_sequence_length``)."""
         return token_counts(self.token_tokenizer, prompts)
 
+    def tokenize(self, prompts: str | Sequence[str]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Token ids as §6.1: each CLIP's padded to its ``model_max_length``, DT5's to ``max_sequence_length`` (with
+        its attention mask)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        pooled_ids = [tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids
+                      for tokenizer in self.pooled_tokenizers]
+        batch = self.token_tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length,
+                                     truncation=True, add_special_tokens=True, return_tensors="pt")
+        return {"pooled_ids": pooled_ids, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+
+    def forward(self, pooled_ids: Sequence[torch.Tensor], input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> TextEncoding:
+        """``TextEncoding`` of tokenized prompts (``tokenize``'s output); differentiable, for distillation."""
+        # Like the reference, CLIP runs without a mask: it is causal and pools at the first eos.
+        pooled = [encoder(ids.to(_device_of(encoder)))[0]
+                  for ids, encoder in zip(pooled_ids, self.pooled_encoders, strict=True)]
+        device = _device_of(self.token_encoder)
+        mask = attention_mask.to(device=device, dtype=torch.long)
+        tokens = self.token_encoder(input_ids.to(device), attention_mask=mask)[0].to(self.token_encoder.dtype)
+        return TextEncoding(tokens=tokens, mask=mask, pooled=torch.cat(pooled, dim=-1))
+
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> TextEncoding:
-        """Encode prompts as §6.1: CLIP inputs padded to their ``model_max_length``, DT5 to ``max_sequence_length``."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        pooled = []
-        for tokenizer, encoder in zip(self.pooled_tokenizers, self.pooled_encoders, strict=True):
-            ids = tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            # Like the reference, CLIP runs without a mask: it is causal and pools at the first eos.
-            pooled.append(encoder(ids.to(_device_of(encoder)))[0])
-        batch = self.token_tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        )
-        device = _device_of(self.token_encoder)
-        mask = batch.attention_mask.to(device=device, dtype=torch.long)
-        tokens = self.token_encoder(batch.input_ids.to(device), attention_mask=mask)[0]
-        tokens = tokens.to(self.token_encoder.dtype)
-        return TextEncoding(tokens=tokens, mask=mask, pooled=torch.cat(pooled, dim=-1))
+        """Encode prompts as §6.1 (``tokenize``, then ``forward``)."""
+        return self(**self.tokenize(prompts))
 
     @staticmethod
     def _default_pooled_subfolders(count: int, token_subfolders: Sequence[str]) -> list[tuple[str, str]]:
@@ -302,10 +309,7 @@ class TextEncoderBundle(nn.Module):
             for tok, enc in subfolders
         ]
         tok, enc = token_subfolders
-        token = (
-            AutoTokenizer.from_pretrained(root / tok),
-            T5EncoderWithProjection.from_pretrained(root / enc, dtype=torch_dtype),
-        )
+        token = (AutoTokenizer.from_pretrained(root / tok), _load_token_encoder(root / enc, torch_dtype))
         return cls(pooled, token, max_sequence_length=max_sequence_length)
 
     def save_pretrained(
@@ -327,6 +331,14 @@ class TextEncoderBundle(nn.Module):
             encoder.save_pretrained(root / enc_dir)
         self.token_tokenizer.save_pretrained(root / token_subfolders[0])
         self.token_encoder.save_pretrained(root / token_subfolders[1])
+
+
+def _load_token_encoder(folder: Path, torch_dtype: torch.dtype | None) -> T5EncoderWithProjection | T5EncoderModel:
+    """DT5 (the release), or a plain T5 encoder such as T5-XXL (Pyramid-Flow's SD3 text stack, the teacher of
+    text-encoder distillation), whose tokens are its last hidden states."""
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    plain = config.get("architectures") == ["T5EncoderModel"]
+    return (T5EncoderModel if plain else T5EncoderWithProjection).from_pretrained(folder, dtype=torch_dtype)
 
 
 def tiny_text_bundle(
@@ -379,3 +391,86 @@ def tiny_text_bundle(
         )
         dt5 = T5EncoderWithProjection(t5_config)
     return TextEncoderBundle(pooled, (t5_tokenizer, dt5), max_sequence_length=max_sequence_length)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The nano student's text stack (text-encoder distillation)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudentTextConfig:
+    """Sizes of the student text stack: DT5 (a T5 encoder with its projection to ``token_dim``), two CLIP-style
+    pooled encoders whose projections concatenate to the DiT's pooled width, and the ContextAdapter's hidden
+    widths (its input is ``token_dim``, its output the DiT's width)."""
+
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    d_ff: int = 256
+    token_dim: int = 384
+    pooled_hidden: int = 64
+    pooled_layers: int = 2
+    adapter_depths: tuple[int, ...] = (128, 128)
+
+    @classmethod
+    def from_json(cls, text: str) -> StudentTextConfig:
+        values = json.loads(text)
+        return cls(**{**values, "adapter_depths": tuple(values["adapter_depths"])})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def adapter_config(self, output_dims: int, input_dims: int | None = None) -> dict:
+        """ContextAdapter arguments: DT5 tokens (``token_dim`` wide unless ``input_dims``) to the DiT's width."""
+        depths = list(self.adapter_depths)
+        return dict(input_dims=input_dims or self.token_dim, output_dims=output_dims, layer_depths=depths,
+                    skips=[True] * len(depths))
+
+
+def subset_tokenizer(teacher: PreTrainedTokenizerBase, texts: Iterable[str],
+                     model_max_length: int) -> PreTrainedTokenizerFast:
+    """The teacher's WordPiece tokenizer cut down to the pieces it uses on ``texts`` (plus its special tokens): it
+    tokenizes those texts exactly as the teacher does, so the student's tokens align with the teacher's, with a
+    vocabulary of a few hundred entries instead of tens of thousands."""
+    spec = json.loads(teacher.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "WordPiece":
+        raise ValueError(f"subset_tokenizer needs a WordPiece teacher tokenizer; got {spec['model']['type']}.")
+    specials = [teacher.pad_token, teacher.unk_token, teacher.cls_token, teacher.sep_token]
+    pieces = sorted({piece for text in texts for piece in teacher.tokenize(text)} - set(specials))
+    # pad 0 and a sep id other than 2: transformers' CLIP treats eos id 2 as the legacy "argmax id is eos" pooling
+    vocab = {token: index for index, token in enumerate([*specials, *pieces])}
+    spec["model"]["vocab"] = vocab
+    spec["added_tokens"] = [{**token, "id": vocab[token["content"]]} for token in spec["added_tokens"]
+                            if token["content"] in vocab]
+    for name, entry in spec["post_processor"].get("special_tokens", {}).items():
+        entry["ids"] = [vocab[name]]
+    spec["truncation"], spec["padding"] = None, None
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), model_max_length=model_max_length,
+        padding_side="right", pad_token=teacher.pad_token, unk_token=teacher.unk_token,
+        cls_token=teacher.cls_token, sep_token=teacher.sep_token)
+
+
+def student_text_stack(tokenizer: PreTrainedTokenizerFast, pooled_dim: int, config: StudentTextConfig,
+                       max_sequence_length: int) -> TextEncoderBundle:
+    """A randomly initialised student stack in the release's classes: two CLIP text encoders with projections
+    (pooled widths summing to ``pooled_dim``) and DT5, all reading ``tokenizer``'s ids."""
+    halves = (pooled_dim // 2, pooled_dim - pooled_dim // 2)
+    pooled = []
+    for width in halves:
+        clip = CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=config.pooled_hidden, intermediate_size=4 * config.pooled_hidden,
+            num_hidden_layers=config.pooled_layers, num_attention_heads=max(1, config.pooled_hidden // 32),
+            max_position_embeddings=max_sequence_length, projection_dim=width,
+            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id)
+        pooled.append((tokenizer, CLIPTextModelWithProjection(clip)))
+    dt5 = T5EncoderWithProjection(T5ProjectionConfig(
+        vocab_size=len(tokenizer), d_model=config.d_model, d_kv=config.d_model // config.num_heads,
+        d_ff=config.d_ff, num_layers=config.num_layers, num_heads=config.num_heads,
+        relative_attention_num_buckets=16, relative_attention_max_distance=max_sequence_length,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id,
+        project_in_dim=config.d_model, out_dim=config.token_dim))
+    return TextEncoderBundle(pooled, (tokenizer, dt5), max_sequence_length=max_sequence_length)

@@ -25,7 +25,7 @@ from ..training.flow_matching import (
     sample_unit_and_stage,
 )
 from ..training.latents import CaptionEncodings, LatentCache
-from ..training.trainer import TrainConfig, Trainer
+from ..training.trainer import TrainConfig, Trainer, cpu_only
 from ..utils.checkpoint import strip_machine_paths
 
 
@@ -68,7 +68,7 @@ def train_teacher(config: TrainConfig, latents_dir: str | Path | Sequence[str | 
     kernel launches, after a compile of a minute or two."""
     objective = objective or FlowMatchingConfig()
     set_seed(config.seed)  # before the DiT is built: the same seed gives the same initial weights
-    cache, text = teacher_training_data(latents_dir, PartialState().device)
+    cache, text = teacher_training_data(latents_dir, PartialState(cpu=cpu_only()).device)
     scheduler = PyramidFlowMatchScheduler()
     # fails now, before anything is written, if the unit or stage weights do not fit these latents
     sample_unit_and_stage(cache.latents.shape[2], scheduler.config.stages, config.seed, 0, objective.unit_weights,

@@ -27,6 +27,18 @@ LOG_FILE = "log.jsonl"
 EMA_FILE = "ema.safetensors"
 
 
+def cpu_only() -> bool:
+    """No GPU-like device here. Accelerate must then be told ``cpu=True``: otherwise every process that
+    ``accelerate launch --multi_gpu`` or ``torchrun`` starts on a CPU machine runs alone as rank 0 of 1."""
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu and xpu.is_available()))
+
+
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """The Accelerator of a training run (one process group over every process the launcher started)."""
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu_only())
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping settings common to every recipe."""
@@ -74,7 +86,7 @@ class Trainer:
                  batch_fn: Callable[[int, int, int], dict], loss_fn: Callable[[dict], dict[str, torch.Tensor]],
                  accelerator: Accelerator | None = None):
         self.config = config
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        self.accelerator = accelerator or make_accelerator(config.mixed_precision)
         set_seed(config.seed, device_specific=True)
         named = [(f"{key}.{name}", p) for key, m in modules.items() for name, p in m.named_parameters()
                  if p.requires_grad]
@@ -200,7 +212,7 @@ class Trainer:
             progress.update()
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 values = {k: acc.gather(v.detach().reshape(1)).mean().item() for k, v in losses.items()}
-                record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                record = {"step": self.step, "processes": acc.num_processes, "lr": self.scheduler.get_last_lr()[0],
                           "elapsed_s": round(time.perf_counter() - started, 2), **values}
                 self._log(record)
                 progress.set_postfix(loss=f"{values['loss']:.4f}")
