@@ -199,13 +199,27 @@ def test_exported_checkpoint_loads_and_generates(run):
 
 def test_official_scale_path_at_reduced_widths(tmp_path):
     """The release's case: the teacher's own T5-family encoder and tokenizer stay the student's starting point
-    (--init-text-encoder, the released DT5), Replace mode trains only the ContextAdapter."""
+    (--init-text-encoder, the released DT5), Replace mode trains only the ContextAdapter, on the user's prompts with
+    the teacher run on each batch."""
     teacher = create_random_checkpoint(_reduced_teacher_preset(), tmp_path / "teacher")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left\n\na blue square\na red circle moving left\na cat on a beach\n")
     config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=3, warmup_steps=1, save_every=1,
                          log_every=1)
-    distill_text_encoder(config, str(teacher), "replace", student=TINY, num_prompts=8, init_text_encoder=teacher)
+    distill_text_encoder(config, str(teacher), "replace", TINY, init_text_encoder=teacher, prompts_file=prompts,
+                         cache_targets=False)
+    assert not (tmp_path / "run" / "teacher_targets.safetensors").exists()
     pipe = NeodragonPipeline.from_pretrained(tmp_path / "run" / "checkpoint", mode="monolithic")
     assert pipe.context_adapter.config.output_dims == 32 and pipe.transformer.context_embedder is None
+
+
+def test_release_sizes_match_the_released_context_adapter():
+    from neodragon.models.context_adapter import context_adapter_num_parameters
+
+    release = StudentTextConfig.release()
+    config = release.adapter_config(output_dims=1536)
+    assert config["layer_depths"] == [4096] * 4 and config["input_dims"] == 4096
+    assert abs(context_adapter_num_parameters(**config) - 130.0e6) / 130.0e6 < 0.01  # ~130.0 M (reference §2)
 
 
 def test_cli_rejects_an_unknown_mode(tmp_path):

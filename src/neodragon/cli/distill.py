@@ -76,16 +76,29 @@ def text_encoder(teacher: str = typer.Option("nano", "--teacher", help="The mode
                                                          "teacher conditioning along the teacher's sampling path."),
                  trajectory_prompts: int = typer.Option(256, "--trajectory-prompts", help="Prompts whose sampling "
                                                         "path is recorded for the trajectory term."),
+                 prompts_file: Path = typer.Option(None, "--prompts-file", help="Distil on these prompts (one per "
+                                                   "line) instead of ShapesWorld's caption grammar."),
+                 cache_targets: bool = typer.Option(True, "--cache-targets/--online-targets", help="Compute the "
+                                                    "teacher's conditioning of every prompt once and keep it in the "
+                                                    "run folder, or run the teacher on each batch (large corpora)."),
+                 student: str = typer.Option("nano", "--student", help="Student sizes: nano, or release (DistilT5 "
+                                             "and the release's 4 x 4096 ContextAdapter)."),
                  max_minutes: float = MAX_MINUTES) -> None:
     """Prompt-only text-encoder distillation: a DT5 + ContextAdapter student replaces the teacher's text encoder
     and context embedder; writes final/ (the text stack) and checkpoint/ (the teacher's folder with it)."""
+    from ..models.text import StudentTextConfig
     from ..recipes.distill_text_encoder import distill_text_encoder
     from ..training.text_distillation import MODES
 
     if mode not in MODES:
         raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}; got {mode!r}")
+    sizes = {"nano": StudentTextConfig, "release": StudentTextConfig.release}
+    if student not in sizes:
+        raise typer.BadParameter(f"--student must be nano or release; got {student!r}")
+    if prompts_file is not None and not prompts_file.is_file():
+        raise typer.BadParameter(f"--prompts-file {prompts_file} does not exist")
     metrics = distill_text_encoder(train_config(output, steps, batch_size, lr, save_every, seed, 100, max_minutes),
-                                   teacher, mode, num_prompts=prompts, init_text_encoder=init_text_encoder,
-                                   trajectory_weight=trajectory_weight, trajectory_prompts=trajectory_prompts)
+                                   teacher, mode, sizes[student](), prompts, init_text_encoder, trajectory_weight,
+                                   trajectory_prompts, prompts_file, cache_targets)
     if metrics:
         typer.echo(json.dumps(metrics, indent=2))

@@ -414,9 +414,10 @@ class StudentTextConfig:
     adapter_depths: tuple[int, ...] = (128, 128)
 
     @classmethod
-    def from_json(cls, text: str) -> StudentTextConfig:
-        values = json.loads(text)
-        return cls(**{**values, "adapter_depths": tuple(values["adapter_depths"])})
+    def release(cls) -> StudentTextConfig:
+        """The release's sizes: DistilT5 (a T5-Base encoder projecting to T5-XXL's 4096) and the 4 x 4096
+        ContextAdapter; its pooled encoders are the teacher's own CLIPs, kept rather than rebuilt."""
+        return cls(d_model=768, num_layers=12, num_heads=12, d_ff=2048, token_dim=4096, adapter_depths=(4096,) * 4)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

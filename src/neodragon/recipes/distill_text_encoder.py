@@ -5,6 +5,7 @@ result is the teacher's checkpoint folder with the student text stack in the rel
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..eval.prompts import PROMPT_SETS, load_prompt_set
@@ -37,42 +39,49 @@ STUDENT_CONFIG = "student_text_config.json"
 def distill_text_encoder(config: TrainConfig, teacher: str | Path = "nano", mode: str = "trainable-dt5",
                          student: StudentTextConfig | None = None, num_prompts: int = 20000,
                          init_text_encoder: str | Path | None = None, trajectory_weight: float = 0.0,
-                         trajectory_prompts: int = 256) -> dict:
-    """Distil the teacher's text stack into the student on ``num_prompts`` grammar prompts (never the evaluation
-    prompts), then write ``final/`` (student text stack and ContextAdapter, ``metrics.json`` with held-out
-    conditioning errors) and ``checkpoint/`` (the teacher's folder with the student in place)."""
+                         trajectory_prompts: int = 256, prompts_file: str | Path | None = None,
+                         cache_targets: bool = True) -> dict:
+    """Distil the teacher's text stack into the student on prompts alone: ``num_prompts`` prompts of ShapesWorld's
+    caption grammar, or the lines of ``prompts_file`` (never the evaluation prompts). ``cache_targets`` computes
+    the teacher's conditioning of every prompt once (fine for the nano corpus); without it the teacher runs on each
+    batch (the official scale, where a cache would not fit). Writes ``final/`` (student text stack and
+    ContextAdapter, ``metrics.json`` with held-out conditioning errors) and ``checkpoint/`` (the teacher's folder
+    with the student in place)."""
     student = student or StudentTextConfig()
     accelerator = make_accelerator(config.mixed_precision)
     set_seed(config.seed)
-    pipe = load_pipeline(str(teacher)).to(torch.float32)
+    pipe = load_pipeline(str(teacher)).to(accelerator.device, torch.float32)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    negative = pipe.pipeline_config.negative_prompt
-    prompts = [negative, *distillation_prompts(num_prompts, config.seed, _evaluation_prompts())]
+    prompts = [pipe.pipeline_config.negative_prompt, *_training_prompts(num_prompts, config.seed, prompts_file)]
     length = pipe.text_encoder.max_sequence_length
-    targets = _teacher_targets(pipe, prompts, output / TARGETS_FILE, accelerator)
     if init_text_encoder is not None:  # e.g. the release's DT5, which reads the teacher T5's own tokens
         text = TextEncoderBundle.from_pretrained(init_text_encoder, max_sequence_length=length)
     else:
         tokenizer = subset_tokenizer(_teacher_tokenizer(pipe), [*prompts, *NANO_VOCAB], length)
-        text = student_text_stack(tokenizer, targets.pooled.shape[-1], student, length)
-    ids = _tokenize(text, prompts, targets.mask)
-    adapter = ContextAdapter(**student.adapter_config(targets.tokens.shape[-1], text.token_dim))
+        text = student_text_stack(tokenizer, pipe.transformer.config.pooled_projection_dim, student, length)
+    ids = text.tokenize(prompts)
+    dit_width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    adapter = ContextAdapter(**student.adapter_config(dit_width, text.token_dim))
     transformer = without_context_embedder(pipe.transformer).to(accelerator.device) if trajectory_weight else None
     objective = TextDistillation(text, adapter, mode, transformer, trajectory_weight,
                                  train_pooled=init_text_encoder is None)
+    cached = _teacher_targets(pipe, prompts, output / TARGETS_FILE, accelerator) if cache_targets else None
     bank = _trajectory_bank(pipe, prompts[1 : 1 + trajectory_prompts], config.seed) if trajectory_weight else None
+
+    def rows_of(rows: list[int]) -> dict:
+        targets = (TextEncoding(*(getattr(cached, f)[rows] for f in ("tokens", "mask", "pooled"))) if cached
+                   is not None else teacher_conditioning(pipe, [prompts[r] for r in rows]))
+        return _rows(ids, targets, rows)
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         # the negative prompt (what CFG's unconditional branch reads) is in every batch
         rows = [0, *(1 + i % (len(prompts) - 1) for i in cycle_indices(step, rank, world, config.batch_size - 1))]
-        batch = _rows(ids, targets, rows)
-        if bank is not None:
-            batch["trajectory"], extra = _trajectory_rows(bank, step, rank, config)
-            more = _rows(ids, targets, [1 + i for i in extra])
-            batch = {key: _cat(batch[key], more[key]) for key in more} | {"trajectory": batch["trajectory"]}
-            batch["trajectory"]["prompt"] = batch["trajectory"]["prompt"] + len(rows)
-        return batch
+        if bank is None:
+            return rows_of(rows)
+        trajectory, extra = _trajectory_rows(bank, step, rank, config)
+        trajectory["prompt"] = trajectory["prompt"] + len(rows)  # their prompts follow the batch's own
+        return {**rows_of(rows + [1 + i for i in extra]), "trajectory": trajectory}
 
     trainer = Trainer(config, {"objective": objective}, batch_fn, lambda batch: trainer.modules["objective"](batch),
                       accelerator=accelerator)
@@ -94,8 +103,16 @@ def distill_text_encoder(config: TrainConfig, teacher: str | Path = "nano", mode
     return metrics
 
 
-def _evaluation_prompts() -> set[str]:
-    return {entry.caption for name in PROMPT_SETS for entry in load_prompt_set(name)}
+def _training_prompts(count: int, seed: int, prompts_file: str | Path | None) -> list[str]:
+    """Grammar prompts, or the distinct non-empty lines of ``prompts_file``; never an evaluation prompt."""
+    evaluation = {entry.caption for name in PROMPT_SETS for entry in load_prompt_set(name)}
+    if prompts_file is None:
+        return distillation_prompts(count, seed, evaluation)
+    lines = dict.fromkeys(line.strip() for line in Path(prompts_file).read_text().splitlines())
+    prompts = [line for line in lines if line and line not in evaluation]
+    if not prompts:
+        raise ValueError(f"{prompts_file} holds no training prompt (one per line, evaluation prompts left out).")
+    return prompts
 
 
 def _teacher_tokenizer(pipe: NeodragonPipeline):
@@ -107,37 +124,30 @@ def _teacher_tokenizer(pipe: NeodragonPipeline):
 
 def _teacher_targets(pipe: NeodragonPipeline, prompts: list[str], cache: Path, accelerator: Accelerator):
     """The teacher's conditioning of every prompt, computed once per run folder (the main process writes it)."""
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     if accelerator.is_main_process and not cache.is_file():
         targets = teacher_conditioning(pipe, prompts)
         tmp = cache.with_suffix(".tmp")
         save_file({"tokens": targets.tokens.half(), "mask": targets.mask.to(torch.int8),
-                   "pooled": targets.pooled.half()}, str(tmp), metadata={"prompts": str(len(prompts))})
+                   "pooled": targets.pooled.half()}, str(tmp), metadata={"prompts_sha256": digest})
         tmp.rename(cache)
     accelerator.wait_for_everyone()
+    with safe_open(str(cache), framework="pt") as handle:
+        if handle.metadata().get("prompts_sha256") != digest:
+            raise ValueError(f"{cache} holds the targets of other prompts: it belongs to another run; use a new "
+                             "--output.")
     stored = load_file(str(cache))
-    if stored["mask"].shape[0] != len(prompts):
-        raise ValueError(f"{cache} holds targets of {stored['mask'].shape[0]} prompts, not {len(prompts)}: it "
-                         "belongs to another run; use a new --output.")
     return TextEncoding(stored["tokens"].float(), stored["mask"].long(), stored["pooled"].float())
-
-
-def _tokenize(text: TextEncoderBundle, prompts: list[str], teacher_mask: torch.Tensor) -> dict:
-    ids = text.tokenize(prompts)
-    if not torch.equal(ids["attention_mask"].long(), teacher_mask):
-        raise ValueError("The student's tokens do not line up with the teacher's on the training prompts: start "
-                         "from a text stack whose tokenizer is the teacher's (or cut from it).")
-    return ids
 
 
 def _rows(ids: dict, targets: TextEncoding, rows: list[int]) -> dict:
     index = torch.tensor(rows)
+    if not torch.equal(ids["attention_mask"][index].long(), targets.mask.long().cpu()):
+        raise ValueError("The student's tokens do not line up with the teacher's on the training prompts: start "
+                         "from a text stack whose tokenizer is the teacher's (or cut from it).")
     return {"pooled_ids": [pooled[index] for pooled in ids["pooled_ids"]], "input_ids": ids["input_ids"][index],
-            "attention_mask": ids["attention_mask"][index], "target_tokens": targets.tokens[index],
-            "target_pooled": targets.pooled[index]}
-
-
-def _cat(a, b):
-    return [_cat(x, y) for x, y in zip(a, b, strict=True)] if isinstance(a, list) else torch.cat([a, b])
+            "attention_mask": ids["attention_mask"][index], "target_tokens": targets.tokens,
+            "target_pooled": targets.pooled}
 
 
 @torch.no_grad()
@@ -146,6 +156,7 @@ def _trajectory_bank(pipe: NeodragonPipeline, prompts: list[str], seed: int, bat
     model's own steps and guidance: latents, timesteps, conditional velocities and the prompt of each."""
     defaults = pipe.pipeline_config.modes[pipe.mode]
     recorder = TrajectoryRecorder(pipe.transformer, cfg=defaults.guidance_scale > 1.0)
+    pipe.set_progress_bar_config(disable=True)
     owners = []
     try:
         for start in range(0, len(prompts), batch_size):
