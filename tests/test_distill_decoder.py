@@ -11,11 +11,17 @@ import torch
 from typer.testing import CliRunner
 
 from neodragon.cli import app
-from neodragon.models.vae import AsymmetricCausalVideoVAE
+from neodragon.models.vae import AsymmetricCausalVideoVAE, TAEHVDecoder
 from neodragon.pipelines import NeodragonPipeline
 from neodragon.presets import bundled_weights, load_video_vae, reduced_official_preset
 from neodragon.recipes.distill_decoder import distill_decoder
-from neodragon.training.decoder_distillation import DecoderDistillation, student_vae
+from neodragon.training.decoder_distillation import (
+    DecoderDistillation,
+    _copies,
+    _decoder_convs,
+    inherit_decoder,
+    student_vae,
+)
 from neodragon.training.trainer import TrainConfig, read_log
 from neodragon.training.vae import VAELossWeights, reconstruction_losses
 
@@ -66,6 +72,45 @@ def test_distillation_loss_on_known_inputs(teacher):
     assert fresh.student.training and not fresh.teacher.training  # the teacher stays in eval mode
 
 
+def test_inherited_decoder_is_a_cut_of_the_teachers(teacher):
+    z = teacher.encode(video()).latent_dist.mean
+    full = student_vae(teacher, teacher.config.decoder_num_features, inherit=True)
+    with torch.no_grad():  # at the teacher's widths the cut keeps every channel: the teacher itself
+        torch.testing.assert_close(full.decode(z).sample, teacher.decode(z).sample, rtol=0, atol=0)
+    cut = student_vae(teacher, WIDTHS, inherit=True).decoder
+    first = cut.blocks[1].weight  # latent -> the first width group: its rows are some of the teacher's rows
+    rows = teacher.decoder.blocks[1].weight.flatten(1)
+    assert all(any(torch.equal(row, kept) for kept in rows) for row in first.flatten(1))
+    with pytest.raises(ValueError, match="wider teacher"):
+        student_vae(teacher, (128, 8, 8, 8), inherit=True)
+
+
+def test_cut_finds_a_decoder_hidden_among_dead_channels():
+    """A small decoder written into scattered channels of a wider one whose other channels are dead (zero
+    weights): the cut must pick exactly those channels, through the MemBlocks' [frame, memory] input and the
+    TGrows' stacked outputs, and decode as the small one does."""
+    torch.manual_seed(0)
+    kept, widths = (8, 6, 6, 4), dict(enumerate((12, 10, 9, 7)))
+    small, wide = TAEHVDecoder(4, kept), TAEHVDecoder(4, tuple(widths.values()))
+    places = {g: torch.randperm(widths[g])[:k].sort().values for g, k in enumerate(kept)}
+    with torch.no_grad():
+        for (to, g_in, g_out, c_in, c_out), (into, *_) in zip(_decoder_convs(small), _decoder_convs(wide),
+                                                              strict=True):
+            into.weight.zero_()
+            rows = _copies(places.get(g_out), widths.get(g_out, 0), c_out)
+            columns = _copies(places.get(g_in), widths.get(g_in, 0), c_in)
+            rows = torch.arange(into.out_channels)[rows]
+            columns = torch.arange(into.in_channels)[columns]
+            into.weight[rows[:, None], columns] = to.weight
+            if into.bias is not None:
+                into.bias.zero_()
+                into.bias[rows] = to.bias
+        cut = TAEHVDecoder(4, kept)
+        inherit_decoder(cut, wide)
+        z = torch.randn(1, 4, 2, 4, 4)
+        torch.testing.assert_close(cut(z), small(z))
+
+
 def test_official_scale_config_at_reduced_widths():
     """The release's case: a native causal decoder (Pyramid-Flow's) as the teacher, a TAEHV-style student."""
     config = {**reduced_official_preset().vae, "decoder_type": "causal", "decoder_block_out_channels": [8, 8, 8, 8],
@@ -77,6 +122,8 @@ def test_official_scale_config_at_reduced_widths():
     terms["loss"].backward()
     assert all(p.grad is None for p in student.encoder.parameters())
     assert student.decoder.blocks[1].weight.grad is not None
+    with pytest.raises(ValueError, match="TAEHV-style teacher"):
+        student_vae(native, WIDTHS, inherit=True)
 
 
 @pytest.fixture(scope="module")

@@ -42,16 +42,21 @@ def decoder(teacher: str = typer.Option("nano", "--teacher", help="The model who
             crop: int = typer.Option(48, "--crop", help="Square training crop of the 128x128 renders (0: none)."),
             eval_videos: int = typer.Option(32, "--eval-videos", help="Held-out videos for the final PSNR of "
                                             "student and teacher."),
+            init: str = typer.Option("random", "--init", help="random: a fresh decoder; teacher: cut from the "
+                                     "teacher's TAEHV-style decoder (the channels its layers read most)."),
             style: list[str] = STYLES, max_minutes: float = MAX_MINUTES) -> None:
     """Asymmetric decoder distillation: a lighter TAEHV-style decoder for the teacher's frozen latent space; writes
     final/ (the VAE) and checkpoint/ (the teacher's folder with it)."""
     from ..recipes.distill_decoder import distill_decoder
     from ..training.vae import VAELossWeights
 
+    if init not in ("random", "teacher"):
+        raise typer.BadParameter(f"--init takes 'random' or 'teacher', got {init!r}")
     metrics = distill_decoder(train_config(output, steps, batch_size, lr, save_every, seed, 200, max_minutes),
                               teacher, _widths(widths),
                               VAELossWeights(edges=edge_weight, mse=mse_weight, objects=object_weight),
-                              teacher_weight, num_frames, crop=crop or None, styles=style, eval_videos=eval_videos)
+                              teacher_weight, num_frames, crop=crop or None, styles=style, eval_videos=eval_videos,
+                              inherit=init == "teacher")
     if metrics:
         typer.echo(json.dumps(metrics, indent=2))
 

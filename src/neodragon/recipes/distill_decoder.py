@@ -30,13 +30,14 @@ NOT_COPIED = ("adapters", SUBFOLDERS["vae"])
 def distill_decoder(config: TrainConfig, teacher: str | Path, decoder_num_features: Sequence[int],
                     weights: VAELossWeights | None = None, teacher_weight: float = 1.0, num_frames: int = 17,
                     size: int = 128, crop: int | None = 48, styles: Sequence[str] = ("none",),
-                    eval_videos: int = 32) -> dict:
+                    eval_videos: int = 32, inherit: bool = False) -> dict:
     """Train the student decoder on ShapesWorld clips (cropped around the objects, as `train vae` does), then write
     ``final/`` (the student VAE, with ``metrics.json``: held-out PSNR of student and teacher) and, when ``teacher``
-    is a checkpoint folder or a preset, ``checkpoint/``: that folder with the student VAE in fp16."""
+    is a checkpoint folder or a preset, ``checkpoint/``: that folder with the student VAE in fp16. ``inherit``
+    starts the student decoder as a cut of the teacher's (``inherit_decoder``) instead of fresh."""
     set_seed(config.seed)  # before the student is built: the same seed gives the same initial decoder
     teacher_vae = load_video_vae(teacher).float()
-    student = student_vae(teacher_vae, decoder_num_features)
+    student = student_vae(teacher_vae, decoder_num_features, inherit)
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         videos, coverage, _ = clip_batch("train", cycle_indices(step, rank, world, config.batch_size), num_frames,
