@@ -152,7 +152,7 @@ def checkpoint(tmp_path_factory):
 
 def batch_args(checkpoint, prompts: Path, out: Path, *extra) -> list[str]:
     return ["generate", "--prompts-file", str(prompts), "-o", str(out), "--model", str(checkpoint),
-            "--num-frames", "9", "--height", "64", "--width", "64", "--seed", "3", *extra]
+            "--num-frames", "9", "--height", "64", "--width", "64", "--seed", "3", "--no-sr", *extra]
 
 
 def manifest(folder: Path) -> list[dict]:
@@ -189,7 +189,7 @@ def test_batch_writes_every_video_and_a_manifest(one_process):
 def test_line_one_is_the_single_commands_video(one_process, checkpoint, tmp_path):
     single = tmp_path / "single.mp4"
     args = ["generate", "a red circle moving to the right", "-o", str(single), "--model", str(checkpoint),
-            "--num-frames", "9", "--height", "64", "--width", "64", "--seed", "3"]
+            "--num-frames", "9", "--height", "64", "--width", "64", "--seed", "3", "--no-sr"]
     assert runner.invoke(app, args).exit_code == 0
     assert single.read_bytes() == (one_process / "0000-a-red-circle-moving-to-the-right.mp4").read_bytes()
 

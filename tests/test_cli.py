@@ -22,15 +22,15 @@ def generate_args(checkpoint, out, *extra):
 
 def test_generate_writes_video_and_previews(checkpoint, tmp_path):
     out = tmp_path / "clip.mp4"
-    result = runner.invoke(app, generate_args(checkpoint, out, "--preview", str(tmp_path / "sheet.png")))
+    result = runner.invoke(app, generate_args(checkpoint, out, "--no-sr", "--preview", str(tmp_path / "sheet.png")))
     assert result.exit_code == 0, result.output
     frames = imageio.mimread(out)
     assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
     assert (tmp_path / "sheet.png").stat().st_size > 0
     result = runner.invoke(app, generate_args(checkpoint, tmp_path / "b.mp4", "--mode", "monolithic",
-                                              "--steps", "1", "--sr", "--preview", str(tmp_path / "anim.gif")))
+                                              "--steps", "1", "--preview", str(tmp_path / "anim.gif")))
     assert result.exit_code == 0, result.output
-    assert imageio.mimread(tmp_path / "b.mp4")[0].shape == (128, 128, 3)
+    assert imageio.mimread(tmp_path / "b.mp4")[0].shape == (128, 128, 3)  # SR is on by default: it has one
     assert (tmp_path / "anim.gif").read_bytes()[:3] == b"GIF"
 
 

@@ -125,7 +125,7 @@ def test_other_commands_check_their_outputs_first(tmp_path, no_loading):
 
 # -- 3 and 5: a long prompt's warning, and a clean "wrote" line -------------------------------------------------
 
-WROTE = re.compile(r"wrote (?P<files>.+): 1 frame, 128x128 at 8 fps, monolithic mode, seed 0, "
+WROTE = re.compile(r"wrote (?P<files>.+): 1 frame, 256x256 at 8 fps, monolithic mode, seed 0, "  # bundled SR
                    r"generation \d+\.\d s, whole command \d+\.\d s")
 
 

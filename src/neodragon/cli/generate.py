@@ -104,7 +104,9 @@ def generate(
                                          "(default: --guidance, else the model's)."),
     negative_prompt: str = typer.Option(None, "--negative-prompt", help="What CFG steers away from (default: the "
                                         "model's)."),
-    sr: bool = typer.Option(False, "--sr/--no-sr", help="2x super-resolution (needs a super_resolution/ model)."),
+    sr: bool = typer.Option(None, "--sr/--no-sr", show_default=False, help="Upscale the frames 2x with the model's "
+                            "super-resolution network (its super_resolution/ folder; the bundled nano model has one: "
+                            "128x128 -> 256x256) (default: on when the model has one)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ... (cuda under several processes: "
                                "each process's own GPU)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
@@ -132,7 +134,7 @@ def generate(
         _check_batch_flags(output, preview, dtype)
         settings = {"num_frames": num_frames, "height": height, "width": width, "steps": parse_steps(steps),
                     "video_steps": parse_steps(video_steps, "--video-steps"), "guidance": guidance,
-                    "video_guidance": video_guidance, "negative_prompt": negative_prompt, "sr": sr or None}
+                    "video_guidance": video_guidance, "negative_prompt": negative_prompt, "sr": sr}
         folder = output or Path("videos")
         jobs = _read_jobs(prompts_file, folder, seed)
         check_weight_files(local_checkpoint(model))
@@ -165,6 +167,7 @@ def generate(
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = show_warnings  # restored when the block ends
         pipe = _load_pipeline(model, mode, dtype, adapter, device)
+        sr = use_super_resolution(pipe, sr)
         generation_started = time.perf_counter()
         frames = pipe(
             prompt, num_frames=num_frames, height=height, width=width, num_inference_steps=step_list,
@@ -183,6 +186,15 @@ def generate(
     console.print(f"wrote {written}: {count}, {width_px}x{height_px} at {fps} fps, {pipe.mode} mode, seed {seed}, "
                   f"generation {generation_s:.1f} s, whole command {time.perf_counter() - started:.1f} s",
                   highlight=False, markup=False, soft_wrap=True)
+
+
+def use_super_resolution(pipe: NeodragonPipeline, sr: bool | None) -> bool:
+    """Whether to upscale: ``--sr`` / ``--no-sr`` as given, else when the model has a super-resolution network; ends
+    the command when ``--sr`` asks for one the model lacks."""
+    if sr and pipe.super_resolution is None:
+        fail("--sr: this model has no super-resolution network (no super_resolution/ folder); leave out --sr, or "
+             "add one with `neodragon train sr`.")
+    return pipe.super_resolution is not None if sr is None else sr
 
 
 def _load_pipeline(model: str, mode: str | None, dtype: str, adapters: list[str] | None,
@@ -231,6 +243,8 @@ def _generate_batch(jobs: list[BatchJob], prompts_file: Path, folder: Path, sett
         else:
             warnings.simplefilter("ignore", UserWarning)  # every rank checks every line; rank 0 says it once
         pipe = load(ranks)
+        # recorded in the manifest only when the frames are upscaled (a batch without SR lists no "sr")
+        settings = {**settings, "sr": True if use_super_resolution(pipe, settings.get("sr")) else None}
         try:
             check_jobs(pipe, jobs, settings, prompts_file)
         except ValueError as err:

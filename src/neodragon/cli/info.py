@@ -35,9 +35,11 @@ def info(
         defaults = json.loads(pipeline_config.read_text()) if pipeline_config.is_file() else None
         adapters = {name: {k: read_info(path)[k] for k in ("method", "component", "style", "parameters")}
                     for name, path in checkpoint_adapters(folder).items()}
+    upscaler = super_resolution_summary(components, defaults)
     if as_json:
         typer.echo(json.dumps({"model": source, "pipeline_config": defaults, "adapters": adapters,
-                               "components": [vars(c) for c in components]}, indent=2, default=str))
+                               "super_resolution": upscaler, "components": [vars(c) for c in components]}, indent=2,
+                              default=str))
         return
     out = Console()
     table = Table(title=f"neodragon model: {source}")
@@ -52,8 +54,40 @@ def info(
     out.print(f"total: {total:,} tensor elements, {sum(c.bytes_on_disk for c in components) / 2**20:.2f} MiB"
               + (" (including the installed text encoder it references)" if any(c.referenced for c in components)
                  else ""))
+    if upscaler is not None:
+        out.print(f"super-resolution: {upscaler['description']}", highlight=False)
     for name, a in adapters.items():
         out.print(f"adapter [bold]{name}[/]: {a['method']} on the {a['component']}, style {a['style']}, "
                   f"{a['parameters']:,} numbers (generate --adapter {name})")
     if defaults:
         out.print_json(json.dumps(defaults))
+
+
+def super_resolution_summary(components: list, defaults: dict | None) -> dict | None:
+    """The super-resolution network of a checkpoint (its ``super_resolution/`` component): family member,
+    parameters, scale and the video size it makes from the model's default size; None when it has none."""
+    from ..models.sr import VARIANTS
+    from ..pipelines.neodragon import SUBFOLDERS
+
+    found = next((c for c in components if c.name == SUBFOLDERS["super_resolution"]), None)
+    if found is None:
+        return None
+    config = found.config
+    keys = ("num_channels", "num_intermediate_layers", "use_ito_connection")
+    variant = next((name for name, v in VARIANTS.items() if all(config.get(k) == v[k] for k in keys)), None)
+    scale = int(config.get("scale_factor", 2))
+    summary = {"class": found.class_name, "variant": variant, "parameters": found.num_elements, "scale": scale,
+               "num_channels": config.get("num_channels"), "num_intermediate_layers":
+               config.get("num_intermediate_layers"), "anchor": bool(config.get("use_ito_connection"))}
+    size = ""
+    if defaults and defaults.get("height") and defaults.get("width"):
+        h, w = defaults["height"], defaults["width"]
+        summary["output_size"] = [h * scale, w * scale]
+        size = f", {h}x{w} -> {h * scale}x{w * scale}"
+    name = f"QuickSRNet-{variant.capitalize()}" if variant else "QuickSRNet"
+    anchor = "with" if summary["anchor"] else "no"
+    summary["description"] = (f"{name} {scale}x ({summary['num_channels']} channels, "
+                              f"{summary['num_intermediate_layers']} intermediate layers, {anchor} anchor), "
+                              f"{found.num_elements:,} parameters{size}; `generate` upscales by default (--no-sr to "
+                              "skip)")
+    return summary

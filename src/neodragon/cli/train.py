@@ -10,7 +10,8 @@ import typer
 from .errors import FriendlyGroup
 
 app = typer.Typer(cls=FriendlyGroup, no_args_is_help=True,
-                  help="Train the nano teacher (VAE, latent cache, DiT) and export it. Every run resumes from its "
+                  help="Train the nano teacher (VAE, latent cache, DiT) and export it, and the 2x super-resolution "
+                  "model. Every run resumes from its "
                   "newest checkpoint in --output; use `accelerate launch --num_processes N -m neodragon train ...` "
                   "for several processes.")
 
@@ -179,3 +180,60 @@ def export_teacher(vae_dir: Path = typer.Option(..., "--vae", help="As in encode
 
     folder = export(vae_dir, dit_dir, output, torch.float16 if fp16 else torch.float32)
     typer.echo(f"wrote {folder}")
+
+
+@app.command("sr")
+def sr(output: Path = OUTPUT,
+       teacher: str = typer.Option("nano", "--teacher", help="The model whose VAE decodes the low-resolution "
+                                   "frames: a preset, a checkpoint folder (then checkpoint/ is that folder with the "
+                                   "SR model added), or a VAE folder (`train vae` final/)."),
+       size: str = typer.Option("small", "--size", help="QuickSRNet family member: small (32 channels, 2 "
+                                "intermediate layers), medium (32, 5) or large (64, 11, with the anchor)."),
+       anchor: bool = typer.Option(None, "--anchor/--no-anchor", help="Add (or drop) the input-to-output anchor, "
+                                   "which starts the model as nearest-neighbour upsampling (default: the size's "
+                                   "own: only large has it)."),
+       steps: int = STEPS, batch_size: int = typer.Option(16, "--batch-size", help="Crops per process and step."),
+       lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (linear warm-up, then cosine decay to 10% "
+                                "of it)."),
+       save_every: int = SAVE, seed: int = SEED,
+       crop: int = typer.Option(48, "--crop", help="Square crop of the low-resolution frames, in pixels (0: whole "
+                                "frames)."),
+       edge_weight: float = typer.Option(0.0, "--edge-weight", help="Weight of the L1 of finite differences (edges) "
+                                         "beside the pixel L1."),
+       num_frames: int = typer.Option(17, "--num-frames", help="Frames per clip passed through the VAE (1 + 8k)."),
+       pair_videos: int = typer.Option(256, "--pair-videos", help="ShapesWorld training videos made into pairs "
+                                       "(each passes through the VAE once)."),
+       pairs: Path = typer.Option(None, "--pairs", help="Folder of the pair store (default: <output>/pairs); runs "
+                                  "with the same data settings may share one."),
+       style: list[str] = typer.Option(list(("none", "neon", "stripes", "pixel", "outline")), "--style",
+                                       callback=_known_styles, help="ShapesWorld style drawn per video; repeat to "
+                                       "mix (default: all five)."),
+       videos_dir: Path = typer.Option(None, "--videos-dir", help="Train on the videos of this folder instead of "
+                                       "ShapesWorld (the official scale): their frames are the targets."),
+       degradation: str = typer.Option("vae", "--degradation", help="With --videos-dir, how the input is made from "
+                                       "a target: vae (2x2 average, then the VAE round trip) or bicubic (antialiased "
+                                       "bicubic reduction, no VAE)."),
+       eval_videos: int = typer.Option(16, "--eval-videos", help="Held-out ShapesWorld eval videos for the final "
+                                       "PSNR/SSIM of SR, bicubic and nearest."),
+       eval_videos_dir: Path = typer.Option(None, "--eval-videos-dir", help="With --videos-dir, the held-out videos "
+                                            "scored at the end."),
+       max_minutes: float = MAX_MINUTES) -> None:
+    """Train a QuickSRNet 2x super-resolution model on decoded frames; writes final/ and checkpoint/."""
+    from ..models.sr import VARIANTS
+    from ..recipes.sr import train_sr
+    from ..training.sr import DEGRADATIONS
+
+    if size not in VARIANTS:
+        raise typer.BadParameter(f"--size takes one of {', '.join(VARIANTS)}; got {size!r}")
+    if degradation not in DEGRADATIONS:
+        raise typer.BadParameter(f"--degradation takes one of {', '.join(DEGRADATIONS)}; got {degradation!r}")
+    if crop < 0 or 0 < crop < 8:
+        raise typer.BadParameter(f"--crop must be 0 (whole frames) or at least 8 pixels; got {crop}")
+    if videos_dir is not None and not videos_dir.is_dir():
+        raise typer.BadParameter(f"--videos-dir {videos_dir} is not a folder")
+    metrics = train_sr(train_config(output, steps, batch_size, lr, save_every, seed, 200, max_minutes), teacher,
+                       size, anchor, edge_weight, crop or None, num_frames, pair_videos=pair_videos, styles=style,
+                       pairs_dir=pairs, videos_dir=videos_dir, degradation=degradation, eval_videos=eval_videos,
+                       eval_videos_dir=eval_videos_dir)
+    if metrics:
+        typer.echo(json.dumps(metrics, indent=2))

@@ -8,6 +8,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 _ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+# The QuickSRNet family (arXiv 2303.04336; docs: ../shared/reference/neodragon-architecture.md section 12). Which one
+# Neodragon used is not published; `neodragon train sr --size` picks one by measurement.
+VARIANTS = {
+    "small": {"num_channels": 32, "num_intermediate_layers": 2, "use_ito_connection": False},
+    "medium": {"num_channels": 32, "num_intermediate_layers": 5, "use_ito_connection": False},
+    "large": {"num_channels": 64, "num_intermediate_layers": 11, "use_ito_connection": True},
+}
 
 
 class QuickSRNet(ModelMixin, ConfigMixin):
@@ -60,19 +67,48 @@ class QuickSRNet(ModelMixin, ConfigMixin):
             nn.init.zeros_(self.conv_last.bias)
 
     @classmethod
+    def variant(cls, name: str, **kwargs) -> QuickSRNet:
+        """The family member ``name`` (small, medium or large), with ``kwargs`` overriding its config."""
+        if name not in VARIANTS:
+            raise ValueError(f"unknown QuickSRNet size {name!r}; expected one of {', '.join(VARIANTS)}")
+        return cls(**{**VARIANTS[name], **kwargs})
+
+    @property
+    def variant_name(self) -> str | None:
+        """small, medium or large when the config is exactly that family member's (anchor included), else None."""
+        return next((name for name, config in VARIANTS.items()
+                     if all(self.config[key] == value for key, value in config.items())), None)
+
+    @torch.no_grad()
+    def upscale_video(self, video: torch.Tensor, frames_per_call: int = 16) -> torch.Tensor:
+        """Upscale a decoded video ``[B, C, T, H, W]`` in chunks of ``frames_per_call`` frames (each chunk one batched
+        call, which bounds the activations' memory at full resolution), in this model's dtype and device; returns
+        float32 in [-1, 1]. The input is clamped to [-1, 1] first, as the training pairs are."""
+        if video.ndim != 5:
+            raise ValueError(f"upscale_video expects [B, C, T, H, W], got {tuple(video.shape)}")
+        if frames_per_call < 1:
+            raise ValueError(f"frames_per_call must be at least 1, got {frames_per_call}")
+        b, c, t, h, w = video.shape
+        frames = video.clamp(-1, 1).permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        parameter = next(self.parameters())
+        out = torch.cat([self._upscale(chunk.to(parameter.device, parameter.dtype)).float()
+                         for chunk in frames.split(frames_per_call)])
+        return out.reshape(b, t, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    @classmethod
     def small(cls, **kwargs) -> QuickSRNet:
         """QuickSRNet-Small: 32 channels, 2 intermediate layers, no anchor (22,860 parameters at 2x)."""
-        return cls(**{"num_channels": 32, "num_intermediate_layers": 2, "use_ito_connection": False, **kwargs})
+        return cls.variant("small", **kwargs)
 
     @classmethod
     def medium(cls, **kwargs) -> QuickSRNet:
         """QuickSRNet-Medium: 32 channels, 5 intermediate layers, no anchor (50,604 parameters at 2x)."""
-        return cls(**{"num_channels": 32, "num_intermediate_layers": 5, "use_ito_connection": False, **kwargs})
+        return cls.variant("medium", **kwargs)
 
     @classmethod
     def large(cls, **kwargs) -> QuickSRNet:
         """QuickSRNet-Large: 64 channels, 11 intermediate layers, anchor (414,960 parameters at 2x)."""
-        return cls(**{"num_channels": 64, "num_intermediate_layers": 11, "use_ito_connection": True, **kwargs})
+        return cls.variant("large", **kwargs)
 
     def _upscale(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv_last(self.cnn(x))

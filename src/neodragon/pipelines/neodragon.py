@@ -31,6 +31,9 @@ from ..schedulers import PyramidFlowMatchScheduler
 
 MODES = ("hybrid", "monolithic")
 PIPELINE_CONFIG = "pipeline_config.json"
+# Frames the super-resolution model upscales per call: the whole nano video at once, and at the official 320x512 a
+# bounded activation memory (a 64-channel layer of 16 frames at 640x1024 is 2 GiB in float32).
+SR_FRAMES_PER_CALL = 16
 SUBFOLDERS = {
     "vae": "causal_video_vae",
     "super_resolution": "super_resolution",
@@ -255,6 +258,9 @@ class NeodragonPipeline(DiffusionPipeline):
         frame) uses ``num_inference_steps``/``guidance_scale`` and later units the ``video_*`` values, which default
         to the unit-0 values given in the call, else to the mode's defaults (as `neodragon generate --steps` and
         ``--guidance`` do). CFG runs wherever the applicable guidance scale is > 1.
+        ``super_resolution=True`` upscales the decoded frames with the checkpoint's ``super_resolution/`` model (2x for
+        QuickSRNet), a batch of frames per call; off by default here (`neodragon generate` turns it on when the model
+        has one).
         ``callback_on_step_end(pipe, step, timestep, state)`` gets ``state = {"latents", "unit", "stage"}`` and may
         return ``{"latents": ...}`` to replace them.
         """
@@ -289,8 +295,8 @@ class NeodragonPipeline(DiffusionPipeline):
         if output_type == "latent":
             return NeodragonPipelineOutput(frames=latents) if return_dict else (latents,)
         video = self.decode_latents(latents)
-        if super_resolution:
-            video = self.super_resolution(video)
+        if super_resolution:  # every frame of the batch, a chunk of frames per call
+            video = self.super_resolution.upscale_video(video, SR_FRAMES_PER_CALL)
         frames = _postprocess(video, output_type)
         return NeodragonPipelineOutput(frames=frames) if return_dict else (frames,)
 
