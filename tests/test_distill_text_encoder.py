@@ -238,3 +238,13 @@ def test_two_process_distillation_smoke(tmp_path):
     assert read_log(tmp_path / "ddp")[-1]["processes"] == 2
     assert read_log(tmp_path / "ddp")[-1]["step"] == 2
     assert (tmp_path / "ddp" / "checkpoint" / "text_encoder_3" / "config.json").is_file()
+
+
+def test_the_multi_gpu_accelerate_config_is_valid():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = Path(__file__).parents[1] / "configs" / "accelerate" / "multi-gpu.yaml"
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type == "MULTI_GPU" and config.mixed_precision == "bf16" and config.num_processes > 1

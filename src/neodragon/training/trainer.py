@@ -34,8 +34,10 @@ def cpu_only() -> bool:
     return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu and xpu.is_available()))
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
-    """The Accelerator of a training run (one process group over every process the launcher started)."""
+def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
+    """The Accelerator of a training run (one process group over every process the launcher started). With
+    ``mixed_precision`` None, the launch decides (``accelerate launch --mixed_precision bf16`` or its config file;
+    fp32 without either)."""
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu_only())
 
 
@@ -54,7 +56,7 @@ class TrainConfig:
     log_every: int = 10
     keep_checkpoints: int = 2
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: as `accelerate launch` or its config file says, else fp32
     max_minutes: float | None = None  # wall-time budget of one invocation (None: no limit)
     ema_decay: float | None = None  # also keep an exponential moving average of the weights (None: off)
 
