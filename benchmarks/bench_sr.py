@@ -35,7 +35,7 @@ from neodragon.eval.judge import load_judge
 from neodragon.eval.metrics import evaluate
 from neodragon.eval.prompts import load_prompt_set
 from neodragon.eval.upscaling import area_downsample, classical_upscale, upscaler_quality
-from neodragon.models.sr import QuickSRNet
+from neodragon.models.sr import VARIANTS, QuickSRNet
 from neodragon.presets import load_pipeline
 from neodragon.training.sr import shapes_world_pairs
 
@@ -132,7 +132,9 @@ def main() -> None:
 def table(report: Report, args: argparse.Namespace) -> list[str]:
     m = report.model
     anchor = "with" if m["use_ito_connection"] else "no"
-    lines = [f"Model: `{m['model']}`'s `super_resolution/`: QuickSRNet-{(m['variant'] or 'custom').capitalize()} "
+    family = next((name for name, v in VARIANTS.items() if v["num_channels"] == m["num_channels"]
+                   and v["num_intermediate_layers"] == m["num_intermediate_layers"]), "custom")
+    lines = [f"Model: `{m['model']}`'s `super_resolution/`: QuickSRNet-{family.capitalize()} "
              f"{m['scale_factor']}x ({m['num_channels']} channels, {m['num_intermediate_layers']} intermediate "
              f"layers, {anchor} anchor), {m['parameters']:,} parameters.", "",
              "## Quality on held-out real videos", "",
