@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -5,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference-v1"
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +25,18 @@ def load_io(name: str) -> dict[str, torch.Tensor]:
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+def run_two_processes(run_dir: Path, *cli_args: str) -> list[dict]:
+    """``neodragon <cli_args> -o run_dir`` under ``accelerate launch`` with two CPU processes; checks that it
+    succeeded as one process group of two and returns the run's log."""
+    from neodragon.training.trainer import read_log
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "neodragon", *cli_args, "-o", str(run_dir)]
+    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(run_dir)
+    assert log[-1]["processes"] == 2
+    return log

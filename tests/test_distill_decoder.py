@@ -2,12 +2,10 @@
 inputs, one step, resume, export -> load -> generate, the official-scale config at reduced widths, 2 processes."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_two_processes
 from typer.testing import CliRunner
 
 from neodragon.cli import app
@@ -26,7 +24,6 @@ from neodragon.training.trainer import TrainConfig, read_log
 from neodragon.training.vae import VAELossWeights, reconstruction_losses
 
 WIDTHS = (16, 8, 8, 8)
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +174,8 @@ def test_cli_rejects_bad_widths(tmp_path):
 
 
 def test_two_process_distillation_smoke(tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "neodragon", "distill", "decoder", "-o", str(tmp_path / "ddp"), "--widths", "16,8,8,8",
-               "--steps", "2", "--batch-size", "1", "--save-every", "2", "--crop", "32", "--num-frames", "9",
-               "--eval-videos", "1"]
-    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert read_log(tmp_path / "ddp")[-1]["processes"] == 2
-    assert read_log(tmp_path / "ddp")[-1]["step"] == 2
+    log = run_two_processes(tmp_path / "ddp", "distill", "decoder", "--widths", "16,8,8,8", "--steps", "2",
+                            "--batch-size", "1", "--save-every", "2", "--crop", "32", "--num-frames", "9",
+                            "--eval-videos", "1")
+    assert log[-1]["step"] == 2
     assert (tmp_path / "ddp" / "checkpoint" / "causal_video_vae" / "config.json").is_file()

@@ -4,13 +4,11 @@ generate, the official-scale path at reduced widths, 2 processes."""
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_two_processes
 from typer.testing import CliRunner
 
 from neodragon.cli import app
@@ -40,7 +38,6 @@ from neodragon.training.trainer import TrainConfig, read_log
 
 TINY = StudentTextConfig(d_model=32, num_layers=1, num_heads=2, d_ff=64, token_dim=32, pooled_hidden=32,
                          pooled_layers=1, adapter_depths=(32,))
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 DIT = "diffusion_transformer_320p_multistep_t2v"
 
 
@@ -229,14 +226,9 @@ def test_cli_rejects_an_unknown_mode(tmp_path):
 
 
 def test_two_process_distillation_smoke(tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "neodragon", "distill", "text-encoder", "-o", str(tmp_path / "ddp"), "--steps", "2",
-               "--batch-size", "4", "--save-every", "2", "--prompts", "32"]
-    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert read_log(tmp_path / "ddp")[-1]["processes"] == 2
-    assert read_log(tmp_path / "ddp")[-1]["step"] == 2
+    log = run_two_processes(tmp_path / "ddp", "distill", "text-encoder", "--steps", "2", "--batch-size", "4",
+                            "--save-every", "2", "--prompts", "32")
+    assert log[-1]["step"] == 2
     assert (tmp_path / "ddp" / "checkpoint" / "text_encoder_3" / "config.json").is_file()
 
 

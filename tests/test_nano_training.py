@@ -4,7 +4,6 @@
 import inspect
 import json
 import math
-import os
 import random
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from conftest import SUBPROCESS_ENV, run_two_processes
 from safetensors.torch import load_file
 
 from neodragon.models.mmdit import PyramidMMDiT
@@ -48,7 +48,6 @@ from neodragon.training.vae import (
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Runs in fresh processes, two at a time: one thread each, so that the pair shares the CPUs instead of fighting.
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 VAE_ARGS = ["--steps", "2", "--batch-size", "1", "--crop", "32", "--num-frames", "9", "--save-every", "2",
             "--eval-videos", "1"]
 
@@ -391,14 +390,9 @@ def test_exported_and_bundled_configs_name_no_machine_folder(exported, vae_run, 
 
 
 def test_two_process_training_smoke(latents, tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "neodragon", "train", "teacher", "--latents", str(latents), "-o", str(tmp_path / "ddp"),
-               "--steps", "2", "--batch-size", "1", "--save-every", "2"]
-    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert read_log(tmp_path / "ddp")[-1]["processes"] == 2
-    assert read_log(tmp_path / "ddp")[-1]["step"] == 2
+    log = run_two_processes(tmp_path / "ddp", "train", "teacher", "--latents", str(latents), "--steps", "2",
+                            "--batch-size", "1", "--save-every", "2")
+    assert log[-1]["step"] == 2
     assert (tmp_path / "ddp" / "final" / WEIGHTS).is_file()
 
 

@@ -3,16 +3,14 @@ the loss on known inputs, one step, resume, export -> load, generate with and wi
 info), a folder of the user's own videos, and 2 processes."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_two_processes
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -34,7 +32,6 @@ from neodragon.training.sr import (
 )
 from neodragon.training.trainer import TrainConfig, read_log
 
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 TINY = dict(crop=16, num_frames=9, pair_videos=2, eval_videos=1, styles=("none",))
 runner = CliRunner()
 
@@ -285,14 +282,9 @@ def test_recipe_on_a_video_folder(video_folder, tmp_path):
 
 
 def test_two_process_sr_training(tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "neodragon", "train", "sr", "-o", str(tmp_path / "ddp"), "--steps", "2", "--batch-size", "2",
-               "--save-every", "2", "--crop", "16", "--num-frames", "9", "--pair-videos", "9", "--eval-videos", "1",
-               "--style", "none"]
-    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = read_log(tmp_path / "ddp")
-    assert log[-1]["processes"] == 2 and log[-1]["step"] == 2
+    log = run_two_processes(tmp_path / "ddp", "train", "sr", "--steps", "2", "--batch-size", "2", "--save-every",
+                            "2", "--crop", "16", "--num-frames", "9", "--pair-videos", "9", "--eval-videos", "1",
+                            "--style", "none")
+    assert log[-1]["step"] == 2
     assert len(PairStore(tmp_path / "ddp" / "pairs").meta["shards"]) == 2  # one shard made by each process
     assert (tmp_path / "ddp" / "checkpoint" / "super_resolution" / "config.json").is_file()
