@@ -54,6 +54,8 @@ def run(
     guidance: float = typer.Option(None, "--guidance", help="CFG scale of the first frame."),
     video_guidance: float = typer.Option(None, "--video-guidance", help="CFG scale of later frames."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N prompts (a quick look)."),
+    seed_offset: int = typer.Option(0, "--seed-offset", help="Added to every prompt's seed: rerun with another "
+                                    "offset to see how far the scores move by chance."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing result files."),
 ) -> None:
@@ -84,11 +86,11 @@ def run(
                 video_num_inference_steps=video_step_list if video_steps is not None else step_list)
 
     def generate(caption: str, seed: int) -> torch.Tensor:
-        generator = torch.Generator("cpu").manual_seed(seed)
+        generator = torch.Generator("cpu").manual_seed(seed + seed_offset)
         return pipe(caption, generator=generator, output_type="pt", **call).frames[0]
 
     results = {"model": model, "prompt_set": prompt_set, "prompts": len(entries), **_provenance(),
-               "device": device, "mode": pipe.mode,
+               "device": device, "mode": pipe.mode, "seed_offset": seed_offset,
                "sampling": {k: v for k, v in call.items() if v is not None},
                "judge": str(judge_path) if judge_path else "bundled", **evaluate(generate, entries, judge)}
     with atomic_path(out, overwrite) as tmp:
