@@ -80,13 +80,21 @@ def render(report: Report, finished: bool) -> str:
         base = report.rows[0][1]["vbench"][prompt_set] if report.rows else {}
         for name, row in report.rows:
             scores = row["vbench"][prompt_set]
-            cells = [f"{scores[key]:.4f}" if key == "total" else f"{100 * scores[key]:.1f}%" for key, _ in DIMENSIONS]
-            if row is not report.rows[0][1]:
-                cells = [f"{cell} ({100 * (scores[key] - base[key]):+.1f})" for cell, (key, _) in
-                         zip(cells, DIMENSIONS, strict=True)]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            first = row is report.rows[0][1]
+            lines.append(f"| {name} | " + " | ".join(_cell(scores, base, key, first) for key, _ in DIMENSIONS) + " |")
     lines += ["", "Models:", ""] + [f"- {name}: `{row['model']}`" for name, row in report.rows]
     return "\n".join(lines) + "\n"
+
+
+def _cell(scores: dict, base: dict, key: str, first: bool) -> str:
+    """One VBench-nano cell: the score, and after the first row its difference to the first row in points (n/a
+    where the prompt set does not exercise the dimension, e.g. no style prompts)."""
+    if scores.get(key) is None:
+        return "n/a"
+    cell = f"{scores[key]:.4f}" if key == "total" else f"{100 * scores[key]:.1f}%"
+    if first or base.get(key) is None:
+        return cell
+    return f"{cell} ({100 * (scores[key] - base[key]):+.1f})"
 
 
 def run_all(args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from neodragon.training.decoder_distillation import (
     DecoderDistillation,
     _copies,
     _decoder_convs,
+    can_cut,
     inherit_decoder,
     student_vae,
 )
@@ -80,6 +81,9 @@ def test_inherited_decoder_is_a_cut_of_the_teachers(teacher):
     assert all(any(torch.equal(row, kept) for kept in rows) for row in first.flatten(1))
     with pytest.raises(ValueError, match="wider teacher"):
         student_vae(teacher, (128, 8, 8, 8), inherit=True)
+    assert can_cut(teacher, WIDTHS) and not can_cut(teacher, (128, 8, 8, 8))
+    auto = student_vae(teacher, WIDTHS, inherit=None).decoder  # the default: cut where it can
+    assert torch.equal(auto.blocks[1].weight, cut.blocks[1].weight)
 
 
 def test_cut_finds_a_decoder_hidden_among_dead_channels():
@@ -121,6 +125,8 @@ def test_official_scale_config_at_reduced_widths():
     assert student.decoder.blocks[1].weight.grad is not None
     with pytest.raises(ValueError, match="TAEHV-style teacher"):
         student_vae(native, WIDTHS, inherit=True)
+    assert not can_cut(native, WIDTHS)
+    student_vae(native, WIDTHS, inherit=None)  # the default starts fresh from a native decoder
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def decoder(teacher: str = typer.Option("nano", "--teacher", help="The model who
                                         "kept: a preset, a checkpoint folder, or a VAE folder (`train vae` final/)."),
             output: Path = OUTPUT, steps: int = STEPS, batch_size: int = BATCH, lr: float = LR,
             save_every: int = SAVE, seed: int = SEED,
-            widths: str = typer.Option("48,24,12,12", "--widths", help="The student decoder's four widths, from "
+            widths: str = typer.Option("64,32,16,16", "--widths", help="The student decoder's four widths, from "
                                        "the latent side to the pixels (the nano teacher's: 96,64,48,48)."),
             teacher_weight: float = typer.Option(1.0, "--teacher-weight", help="Weight of the L1 to the teacher "
                                                  "decoder's output on the same latents (0: real frames only)."),
@@ -42,21 +42,22 @@ def decoder(teacher: str = typer.Option("nano", "--teacher", help="The model who
             crop: int = typer.Option(48, "--crop", help="Square training crop of the 128x128 renders (0: none)."),
             eval_videos: int = typer.Option(32, "--eval-videos", help="Held-out videos for the final PSNR of "
                                             "student and teacher."),
-            init: str = typer.Option("random", "--init", help="random: a fresh decoder; teacher: cut from the "
-                                     "teacher's TAEHV-style decoder (the channels its layers read most)."),
+            init: str = typer.Option("auto", "--init", help="teacher: cut the student from the teacher's "
+                                     "TAEHV-style decoder (the channels its layers read most); random: a fresh "
+                                     "decoder; auto: teacher where the teacher's decoder can be cut, else random."),
             style: list[str] = STYLES, max_minutes: float = MAX_MINUTES) -> None:
     """Asymmetric decoder distillation: a lighter TAEHV-style decoder for the teacher's frozen latent space; writes
     final/ (the VAE) and checkpoint/ (the teacher's folder with it)."""
     from ..recipes.distill_decoder import distill_decoder
     from ..training.vae import VAELossWeights
 
-    if init not in ("random", "teacher"):
-        raise typer.BadParameter(f"--init takes 'random' or 'teacher', got {init!r}")
+    if init not in ("auto", "random", "teacher"):
+        raise typer.BadParameter(f"--init takes auto, teacher or random; got {init!r}")
     metrics = distill_decoder(train_config(output, steps, batch_size, lr, save_every, seed, 200, max_minutes),
                               teacher, _widths(widths),
                               VAELossWeights(edges=edge_weight, mse=mse_weight, objects=object_weight),
                               teacher_weight, num_frames, crop=crop or None, styles=style, eval_videos=eval_videos,
-                              inherit=init == "teacher")
+                              inherit={"auto": None, "teacher": True, "random": False}[init])
     if metrics:
         typer.echo(json.dumps(metrics, indent=2))
 

@@ -409,7 +409,7 @@ class StudentTextConfig:
     num_heads: int = 4
     d_ff: int = 256
     token_dim: int = 384
-    pooled_hidden: int = 64
+    pooled_hidden: int = 128
     pooled_layers: int = 2
     adapter_depths: tuple[int, ...] = (128, 128)
 

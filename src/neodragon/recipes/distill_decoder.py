@@ -17,7 +17,7 @@ from ..models.vae import AsymmetricCausalVideoVAE
 from ..pipelines.neodragon import SUBFOLDERS
 from ..presets import load_video_vae, local_folder
 from ..training.clips import clip_batch, video_batch
-from ..training.decoder_distillation import DecoderDistillation, student_vae
+from ..training.decoder_distillation import DecoderDistillation, can_cut, student_vae
 from ..training.trainer import TrainConfig, Trainer, cycle_indices
 from ..training.vae import VAELossWeights
 from ..utils.checkpoint import strip_machine_paths
@@ -30,13 +30,15 @@ NOT_COPIED = ("adapters", SUBFOLDERS["vae"])
 def distill_decoder(config: TrainConfig, teacher: str | Path, decoder_num_features: Sequence[int],
                     weights: VAELossWeights | None = None, teacher_weight: float = 1.0, num_frames: int = 17,
                     size: int = 128, crop: int | None = 48, styles: Sequence[str] = ("none",),
-                    eval_videos: int = 32, inherit: bool = False) -> dict:
+                    eval_videos: int = 32, inherit: bool | None = None) -> dict:
     """Train the student decoder on ShapesWorld clips (cropped around the objects, as `train vae` does), then write
     ``final/`` (the student VAE, with ``metrics.json``: held-out PSNR of student and teacher) and, when ``teacher``
     is a checkpoint folder or a preset, ``checkpoint/``: that folder with the student VAE in fp16. ``inherit``
-    starts the student decoder as a cut of the teacher's (``inherit_decoder``) instead of fresh."""
+    starts the student decoder as a cut of the teacher's (``inherit_decoder``) instead of fresh; None does so
+    whenever the teacher's decoder can be cut to these widths."""
     set_seed(config.seed)  # before the student is built: the same seed gives the same initial decoder
     teacher_vae = load_video_vae(teacher).float()
+    inherit = can_cut(teacher_vae, decoder_num_features) if inherit is None else inherit
     student = student_vae(teacher_vae, decoder_num_features, inherit)
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
@@ -53,6 +55,7 @@ def distill_decoder(config: TrainConfig, teacher: str | Path, decoder_num_featur
     if trainer.accelerator.is_main_process:
         distilled = trainer.unwrap("objective")
         metrics = _held_out_psnr(distilled.student.eval(), distilled.teacher, eval_videos, size, config.seed)
+        metrics["init"] = "teacher" if inherit else "random"
         final = Path(config.output_dir) / "final"
         distilled.student.save_pretrained(final)
         (final / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -21,13 +21,20 @@ from .vae import VAELossWeights, reconstruction_losses, variance_preserving_init
 ENCODER_SIDE = ("encoder.", "quant_conv.")  # what defines the latent space: frozen and copied from the teacher
 
 
+def can_cut(teacher: AsymmetricCausalVideoVAE, decoder_num_features: Sequence[int]) -> bool:
+    """Whether ``inherit_decoder`` can make a decoder of these widths from ``teacher``'s: a TAEHV-style teacher at
+    least as wide in every width group."""
+    return teacher.config.decoder_type == "taehv" and all(
+        width <= own for width, own in zip(decoder_num_features, teacher.config.decoder_num_features, strict=False))
+
+
 def student_vae(teacher: AsymmetricCausalVideoVAE, decoder_num_features: Sequence[int],
-                inherit: bool = False) -> AsymmetricCausalVideoVAE:
+                inherit: bool | None = False) -> AsymmetricCausalVideoVAE:
     """A VAE with ``teacher``'s encoder side (weights copied, frozen) and a TAEHV-style decoder of widths
     ``decoder_num_features`` (four numbers, from the latent side to the pixels): fresh, or with ``inherit`` cut from
-    a TAEHV-style teacher decoder by ``inherit_decoder``. The teacher's decoder may be TAEHV-style or the native
-    causal one (the release's Pyramid-Flow decoder); ``post_quant_conv`` starts from the teacher's and trains with
-    the decoder."""
+    a TAEHV-style teacher decoder by ``inherit_decoder`` (None: cut when ``can_cut``, else fresh). The teacher's
+    decoder may be TAEHV-style or the native causal one (the release's Pyramid-Flow decoder); ``post_quant_conv``
+    starts from the teacher's and trains with the decoder."""
     if len(decoder_num_features) != 4 or min(decoder_num_features) < 1:
         raise ValueError(f"decoder_num_features takes four positive widths, e.g. 48,24,12,12; got "
                          f"{list(decoder_num_features)}.")
@@ -40,6 +47,8 @@ def student_vae(teacher: AsymmetricCausalVideoVAE, decoder_num_features: Sequenc
     if unexpected or any(not k.startswith("decoder.") for k in missing):
         raise ValueError(f"The teacher VAE does not fit the student's encoder: unexpected {unexpected[:3]}, missing "
                          f"{[k for k in missing if not k.startswith('decoder.')][:3]}.")
+    if inherit is None:
+        inherit = can_cut(teacher, decoder_num_features)
     if inherit:
         if teacher.config.decoder_type != "taehv":
             raise ValueError("Only a TAEHV-style teacher decoder can be cut into the student (this teacher's is "
