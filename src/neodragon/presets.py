@@ -211,6 +211,13 @@ def local_folder(source: str | Path) -> Path:
     return bundled
 
 
+def checkpoint_folder(source: str | Path) -> Path | None:
+    """The checkpoint folder ``source`` names, if it names one (a preset, or a folder in the pipeline layout); None
+    for anything else, such as a bare VAE folder."""
+    folder = local_folder(source)
+    return folder if (folder / SUBFOLDERS["vae"]).is_dir() else None
+
+
 def video_vae_folder(source: str | Path) -> Path:
     """The VAE folder of ``source``: the ``final/`` of `train vae`, a checkpoint folder in the pipeline layout, or a
     bundled preset's name (``nano``: the latent space the bundled DiT was trained in)."""

@@ -66,15 +66,14 @@ def info(
 def super_resolution_summary(components: list, defaults: dict | None) -> dict | None:
     """The super-resolution network of a checkpoint (its ``super_resolution/`` component): family member,
     parameters, scale and the video size it makes from the model's default size; None when it has none."""
-    from ..models.sr import VARIANTS
+    from ..models.sr import variant_of
     from ..pipelines.neodragon import SUBFOLDERS
 
     found = next((c for c in components if c.name == SUBFOLDERS["super_resolution"]), None)
     if found is None:
         return None
     config = found.config
-    keys = ("num_channels", "num_intermediate_layers", "use_ito_connection")
-    variant = next((name for name, v in VARIANTS.items() if all(config.get(k) == v[k] for k in keys)), None)
+    variant = variant_of(config)
     scale = int(config.get("scale_factor", 2))
     summary = {"class": found.class_name, "variant": variant, "parameters": found.num_elements, "scale": scale,
                "num_channels": config.get("num_channels"), "num_intermediate_layers":

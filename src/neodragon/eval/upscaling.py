@@ -43,6 +43,15 @@ def area_downsample(video: torch.Tensor, factor: int = 2) -> torch.Tensor:
     return _video(F.avg_pool2d(_frames(video.float()), factor), video.shape[0])
 
 
+def bicubic_downsample(video: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """``video`` [B, C, T, H, W] reduced ``factor`` times by antialiased bicubic interpolation, clamped to [-1, 1]
+    (the classical SR degradation)."""
+    h, w = video.shape[-2:]
+    small = F.interpolate(_frames(video.float()), size=(h // factor, w // factor), mode="bicubic", antialias=True,
+                          align_corners=False)
+    return _video(small.clamp(-1, 1), video.shape[0])
+
+
 def _gaussian(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -15,6 +17,12 @@ VARIANTS = {
     "medium": {"num_channels": 32, "num_intermediate_layers": 5, "use_ito_connection": False},
     "large": {"num_channels": 64, "num_intermediate_layers": 11, "use_ito_connection": True},
 }
+
+
+def variant_of(config: Mapping) -> str | None:
+    """small, medium or large when ``config`` is exactly that family member's (anchor included), else None."""
+    return next((name for name, member in VARIANTS.items()
+                 if all(config.get(key) == value for key, value in member.items())), None)
 
 
 class QuickSRNet(ModelMixin, ConfigMixin):
@@ -75,25 +83,23 @@ class QuickSRNet(ModelMixin, ConfigMixin):
 
     @property
     def variant_name(self) -> str | None:
-        """small, medium or large when the config is exactly that family member's (anchor included), else None."""
-        return next((name for name, config in VARIANTS.items()
-                     if all(self.config[key] == value for key, value in config.items())), None)
+        """small, medium or large when the config is exactly that family member's (``variant_of``), else None."""
+        return variant_of(self.config)
 
     @torch.no_grad()
     def upscale_video(self, video: torch.Tensor, frames_per_call: int = 16) -> torch.Tensor:
-        """Upscale a decoded video ``[B, C, T, H, W]`` in chunks of ``frames_per_call`` frames (each chunk one batched
-        call, which bounds the activations' memory at full resolution), in this model's dtype and device; returns
-        float32 in [-1, 1]. The input is clamped to [-1, 1] first, as the training pairs are."""
+        """Upscale a decoded video ``[B, C, T, H, W]`` in chunks of about ``frames_per_call`` frames (each chunk one
+        batched call over a span of time steps, which bounds the activations' memory at full resolution), in this
+        model's dtype and device; returns float32 in [-1, 1]. The input is clamped to [-1, 1] first, as the training
+        pairs are."""
         if video.ndim != 5:
             raise ValueError(f"upscale_video expects [B, C, T, H, W], got {tuple(video.shape)}")
         if frames_per_call < 1:
             raise ValueError(f"frames_per_call must be at least 1, got {frames_per_call}")
-        b, c, t, h, w = video.shape
-        frames = video.clamp(-1, 1).permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         parameter = next(self.parameters())
-        out = torch.cat([self._upscale(chunk.to(parameter.device, parameter.dtype)).float()
-                         for chunk in frames.split(frames_per_call)])
-        return out.reshape(b, t, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+        steps = max(1, frames_per_call // video.shape[0])  # time steps per call, every video of the batch at once
+        return torch.cat([self(chunk.to(parameter.device, parameter.dtype)).float()
+                          for chunk in video.clamp(-1, 1).split(steps, dim=2)], dim=2)
 
     @classmethod
     def small(cls, **kwargs) -> QuickSRNet:

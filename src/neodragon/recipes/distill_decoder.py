@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from ..eval.reconstruction import reconstruction_psnr
 from ..models.vae import AsymmetricCausalVideoVAE
 from ..pipelines.neodragon import SUBFOLDERS
-from ..presets import load_video_vae, local_folder
+from ..presets import checkpoint_folder, load_video_vae
 from ..training.clips import clip_batch, video_batch
 from ..training.decoder_distillation import DecoderDistillation, can_cut, student_vae
 from ..training.trainer import TrainConfig, Trainer, cycle_indices
@@ -59,7 +59,7 @@ def distill_decoder(config: TrainConfig, teacher: str | Path, decoder_num_featur
         final = Path(config.output_dir) / "final"
         distilled.student.save_pretrained(final)
         (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        source = _checkpoint_folder(teacher)
+        source = checkpoint_folder(teacher)
         if source is not None:
             export_with_decoder(source, final, Path(config.output_dir) / "checkpoint")
     trainer.accelerator.wait_for_everyone()
@@ -72,12 +72,6 @@ def _held_out_psnr(student, teacher, count: int, size: int, seed: int) -> dict:
             "teacher_psnr_db": reconstruction_psnr(teacher, videos),
             "student_decoder_parameters": sum(p.numel() for p in student.decoder.parameters()),
             "teacher_decoder_parameters": sum(p.numel() for p in teacher.decoder.parameters())}
-
-
-def _checkpoint_folder(teacher: str | Path) -> Path | None:
-    """The checkpoint folder ``teacher`` names, if it names one (a preset, or a folder in the pipeline layout)."""
-    folder = local_folder(teacher)
-    return folder if (folder / SUBFOLDERS["vae"]).is_dir() else None
 
 
 def export_with_decoder(checkpoint: str | Path, vae_dir: str | Path, out_dir: str | Path,

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from ..eval.upscaling import upscaler_quality
 from ..models.sr import QuickSRNet
 from ..pipelines.neodragon import SUBFOLDERS
-from ..presets import load_video_vae, local_folder
+from ..presets import checkpoint_folder, load_video_vae
 from ..training.sr import (
     PairStore,
     SRObjective,
@@ -87,7 +87,7 @@ def train_sr(config: TrainConfig, teacher: str | Path = "nano", size: str = "sma
         output = Path(config.output_dir)
         final = save_model(trained, output / "final")
         _write_text(final / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        source = _checkpoint_folder(teacher)
+        source = checkpoint_folder(teacher)
         if source is not None:
             export_with_super_resolution(source, final, output / "checkpoint")
     accelerator.wait_for_everyone()
@@ -149,12 +149,6 @@ def save_model(model: QuickSRNet, folder: str | Path) -> Path:
     model.save_pretrained(build)
     strip_machine_paths(build)
     return _replace_folder(build, folder)
-
-
-def _checkpoint_folder(teacher: str | Path) -> Path | None:
-    """The checkpoint folder ``teacher`` names, if it names one (a preset, or a folder in the pipeline layout)."""
-    folder = local_folder(teacher)
-    return folder if (folder / SUBFOLDERS["vae"]).is_dir() else None
 
 
 def export_with_super_resolution(checkpoint: str | Path, sr_dir: str | Path, out_dir: str | Path,

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..eval.reconstruction import reconstruct
-from ..eval.upscaling import area_downsample
+from ..eval.upscaling import area_downsample, bicubic_downsample
 from ..models.sr import QuickSRNet
 from ..models.vae import AsymmetricCausalVideoVAE
 from ..utils.video import atomic_path
@@ -78,15 +78,6 @@ def vae_fingerprint(vae: AsymmetricCausalVideoVAE) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def bicubic_downsample(video: torch.Tensor, factor: int = 2) -> torch.Tensor:
-    """[B, C, T, H, W] reduced ``factor`` times by antialiased bicubic interpolation, clamped to [-1, 1]."""
-    b, c, t, h, w = video.shape
-    frames = video.float().permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-    small = F.interpolate(frames, size=(h // factor, w // factor), mode="bicubic", antialias=True,
-                          align_corners=False).clamp(-1, 1)
-    return small.reshape(b, t, c, h // factor, w // factor).permute(0, 2, 1, 3, 4)
 
 
 # -- pairs -----------------------------------------------------------------------------------------------------------
@@ -270,8 +261,8 @@ class PairStore:
     def __len__(self) -> int:
         return len(self.frames)
 
-    def _frame(self, k: int, name: str, box: tuple[int, int, int, int]) -> torch.Tensor:
-        s, c, t = (int(v) for v in self.frames[k])
+    def _frame(self, s: int, c: int, t: int, name: str, box: tuple[int, int, int, int]) -> torch.Tensor:
+        """Frame ``t`` of clip ``c`` of shard ``s`` (``name``: "lr" or "hr"), cropped to ``box`` (y0, x0, h, w)."""
         y0, x0, h, w = box
         return from_uint8(self._handles[s].get_slice(name)[c : c + 1, t : t + 1, :, y0 : y0 + h, x0 : x0 + w][0, 0])
 
@@ -295,9 +286,9 @@ class PairStore:
                           for i, n, j, limit in ((0, size_y, jitter[0], height), (1, size_x, jitter[1], width)))
             else:
                 y0, x0 = int(rng.integers(height - size_y + 1)), int(rng.integers(width - size_x + 1))
-            lows.append(self._frame(k, "lr", (y0, x0, size_y, size_x)))
+            lows.append(self._frame(s, c, t, "lr", (y0, x0, size_y, size_x)))
             f = self.scale
-            highs.append(self._frame(k, "hr", (y0 * f, x0 * f, size_y * f, size_x * f)))
+            highs.append(self._frame(s, c, t, "hr", (y0 * f, x0 * f, size_y * f, size_x * f)))
         return {"lr": torch.stack(lows), "hr": torch.stack(highs)}
 
 
