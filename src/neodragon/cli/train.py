@@ -92,7 +92,9 @@ def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VA
                    num_videos: int = typer.Option(4096, "--num-videos", help="Training videos to encode."),
                    batch_size: int = typer.Option(8, "--batch-size", help="Videos per VAE call."),
                    seed: int = typer.Option(0, "--seed", help="Base seed of the ShapesWorld items."),
-                   style: list[str] = STYLES) -> None:
+                   style: list[str] = STYLES,
+                   first_frames: bool = typer.Option(False, "--first-frames", help="Keep frame 0 of each video "
+                                                     "only: the training set of `train first-frame`.")) -> None:
     """Encode training videos once into normalised latent shards (resumable, split across processes; the VAE runs
     on each process's accelerator, rendering on its CPU)."""
     from accelerate import PartialState
@@ -103,7 +105,7 @@ def encode_latents(vae_dir: Path = typer.Option(..., "--vae", help="A trained VA
 
     state = PartialState(cpu=cpu_only())
     encode(load_video_vae(vae_dir), output, num_videos, batch_size, seed, state.process_index, state.num_processes,
-           style, state.device)
+           style, state.device, first_frames)
 
 
 @app.command()
@@ -180,6 +182,50 @@ def export_teacher(vae_dir: Path = typer.Option(..., "--vae", help="As in encode
 
     folder = export(vae_dir, dit_dir, output, torch.float16 if fp16 else torch.float32)
     typer.echo(f"wrote {folder}")
+
+
+@app.command("first-frame")
+def first_frame(latents: list[Path] = typer.Option(..., "--latents", help="Output of `train encode-latents "
+                                                   "--first-frames`; repeat to mix folders."),
+                output: Path = OUTPUT,
+                model: str = typer.Option("nano", "--model", help="The checkpoint whose frozen text stack "
+                                          "conditions the generator and whose VAE encoded the latents."),
+                widths: str = typer.Option("64,96,96", "--widths", help="The UNet's channels per level, full "
+                                           "latent resolution first (cross-attention below the first)."),
+                steps: int = STEPS, batch_size: int = typer.Option(64, "--batch-size", help="Frames per process "
+                                                                   "and step."),
+                lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate (linear warm-up, then cosine decay "
+                                         "to 10% of it)."),
+                save_every: int = SAVE, seed: int = SEED, max_minutes: float = MAX_MINUTES,
+                text_dropout: float = typer.Option(0.1, "--text-dropout", help="Share of captions dropped to the "
+                                                   "empty prompt (what classifier-free guidance needs)."),
+                ema_decay: float = typer.Option(0.999, "--ema-decay", help="Decay of the weight average that "
+                                                "final/ holds (0 turns it off).")) -> None:
+    """Train the nano first-frame generator (hybrid mode's frame 0) by rectified flow on frame-0 latents."""
+    from ..recipes.first_frame import train_first_frame
+
+    try:
+        channels = [int(part) for part in widths.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--widths takes comma-separated integers such as 64,96,96, got {widths!r}.") from None
+    if len(channels) < 2 or min(channels) < 16 or any(c % 16 for c in channels):
+        raise typer.BadParameter(f"--widths needs at least two levels, each a multiple of 16; got {widths!r}.")
+    config = train_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes, ema_decay or None)
+    typer.echo(f"wrote {train_first_frame(config, latents, model, channels, text_dropout)}")
+
+
+@app.command("export-hybrid")
+def export_hybrid(generator_dir: Path = typer.Option(..., "--first-frame", help="A trained generator: the final/ "
+                                                     "of `train first-frame`."),
+                  output: Path = typer.Option(..., "--output", "-o", help="Checkpoint folder to write."),
+                  model: str = typer.Option("nano", "--model", help="The monolithic checkpoint to extend."),
+                  steps: int = typer.Option(20, "--first-frame-steps", help="The generator's Euler steps."),
+                  guidance: float = typer.Option(4.0, "--first-frame-guidance", help="The generator's CFG scale.")
+                  ) -> None:
+    """Write ``model`` with the first-frame generator added and hybrid mode as its default."""
+    from ..recipes.first_frame import export_hybrid as export
+
+    typer.echo(f"wrote {export(model, generator_dir, output, steps, guidance)}")
 
 
 @app.command("sr")

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from ..models.context_adapter import ContextAdapter
-from ..models.first_frame import FirstFrameGenerator, SSD1BFirstFrameGenerator
+from ..models.first_frame import FirstFrameGenerator, LatentFirstFrameGenerator, SSD1BFirstFrameGenerator
 from ..models.mmdit import PyramidMMDiT
 from ..models.sentence import SentenceTextEncoder, is_sentence_encoder_folder
 from ..models.sr import QuickSRNet
@@ -71,9 +71,15 @@ class PipelineConfig:
     num_frames: int = 49
     fps: int = 24
     default_mode: str = "hybrid"
-    first_frame: str = "ssd_1b"  # "ssd_1b" or "pyramid_dit" (frame 0 from the multi-step DiT pair)
+    # "ssd_1b", "latent_unet" (the nano generator, first_frame_unet/) or "pyramid_dit" (the multi-step DiT pair)
+    first_frame: str = "ssd_1b"
     first_frame_height: int = 640  # SSD-1B renders at 640x1024; the image is downsized to the video size
     first_frame_width: int = 1024
+    first_frame_steps: int = 20  # Euler steps and guidance of the latent_unet generator
+    first_frame_guidance: float = 4.0
+    # the DiT of hybrid mode's later frames: "distilled" (the release's step-distilled pair) or "multistep" (the
+    # monolithic pair, until a step-distilled DiT exists; the hybrid mode's defaults then set its steps and CFG)
+    hybrid_dit: str = "distilled"
     prompt_modifier: str = ", hyper quality, Ultra HD, 8K"
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     modes: dict[str, ModeDefaults] = field(default_factory=lambda: {
@@ -184,10 +190,9 @@ class NeodragonPipeline(DiffusionPipeline):
         mode = mode or config.default_mode
         _check_mode(mode)
         dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        text_stack = SentenceTextEncoder if is_sentence_encoder_folder(root) else TextEncoderBundle
         parts = {
-            "text_encoder": text_stack.from_pretrained(root, **dtype_kw),
-            **_load_dit_pair(root, mode, dtype_kw),
+            "text_encoder": load_text_stack(root, **dtype_kw),
+            **_load_dit_pair(root, dit_mode(config, mode), dtype_kw),
             "vae": _load(AsymmetricCausalVideoVAE, root, SUBFOLDERS["vae"], dtype_kw),
         }
         sr_dir = root / SUBFOLDERS["super_resolution"]
@@ -204,9 +209,10 @@ class NeodragonPipeline(DiffusionPipeline):
         root = Path(save_directory)
         root.mkdir(parents=True, exist_ok=True)
         self.text_encoder.save_pretrained(root)
-        self.transformer.save_pretrained(root / SUBFOLDERS[self.mode, "transformer"])
+        pair = dit_mode(self.pipeline_config, self.mode)
+        self.transformer.save_pretrained(root / SUBFOLDERS[pair, "transformer"])
         if self.context_adapter is not None:
-            self.context_adapter.save_pretrained(root / SUBFOLDERS[self.mode, "context_adapter"])
+            self.context_adapter.save_pretrained(root / SUBFOLDERS[pair, "context_adapter"])
         self.vae.save_pretrained(root / SUBFOLDERS["vae"])
         self.scheduler.save_pretrained(root / "scheduler")
         if self.super_resolution is not None:
@@ -476,6 +482,13 @@ def resolve_checkpoint(name_or_path: str | Path, cache_dir: str | Path | None = 
                       "Check the network, or download the folder elsewhere and pass its local path.") from err
 
 
+def load_text_stack(root: str | Path,
+                    torch_dtype: torch.dtype | None = None) -> TextEncoderBundle | SentenceTextEncoder:
+    """The text stack of a checkpoint folder: a sentence encoder (the nano teacher) or the release's bundle."""
+    text_stack = SentenceTextEncoder if is_sentence_encoder_folder(Path(root)) else TextEncoderBundle
+    return text_stack.from_pretrained(root, **({"torch_dtype": torch_dtype} if torch_dtype is not None else {}))
+
+
 def _load(cls, root: Path, subfolder: str, dtype_kw: dict):
     if not (root / subfolder).is_dir():
         raise FileNotFoundError(f"Checkpoint folder {root} has no {subfolder}/ component; it is needed for "
@@ -501,14 +514,26 @@ def _load_dit_pair(root: Path, mode: str, dtype_kw: dict) -> dict:
     return {"transformer": transformer, "context_adapter": _load(ContextAdapter, root, adapter_dir, dtype_kw)}
 
 
+def dit_mode(config: PipelineConfig, mode: str) -> str:
+    """Whose DiT/adapter pair ``mode`` runs: its own, or the monolithic pair for a hybrid mode without a distilled
+    DiT (``hybrid_dit = "multistep"``)."""
+    if config.hybrid_dit not in ("distilled", "multistep"):
+        raise ValueError(f"Unknown hybrid_dit {config.hybrid_dit!r} in {PIPELINE_CONFIG}; use 'distilled' or "
+                         "'multistep'.")
+    return "monolithic" if mode == "hybrid" and config.hybrid_dit == "multistep" else mode
+
+
 def _load_first_frame(root: Path, config: PipelineConfig, dtype_kw: dict) -> FirstFrameGenerator:
+    if config.first_frame == "latent_unet":
+        return LatentFirstFrameGenerator.from_pretrained(root, config.first_frame_steps, config.first_frame_guidance,
+                                                         **dtype_kw)
     if config.first_frame == "ssd_1b":
         return SSD1BFirstFrameGenerator.from_pretrained(root, image_height=config.first_frame_height,
                                                         image_width=config.first_frame_width, **dtype_kw)
     if config.first_frame == "pyramid_dit":
         return PyramidFirstFrameGenerator.from_pretrained(root, config, **dtype_kw)
     raise ValueError(f"Unknown first_frame {config.first_frame!r} in {root / PIPELINE_CONFIG}; "
-                     "use 'ssd_1b' or 'pyramid_dit'.")
+                     "use 'ssd_1b', 'latent_unet' or 'pyramid_dit'.")
 
 
 def _check_mode(mode: str) -> None:

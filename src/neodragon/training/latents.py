@@ -34,11 +34,14 @@ def _read_shard(path: Path) -> tuple[torch.Tensor, list[str]]:
 @torch.no_grad()
 def encode_latents(vae: AsymmetricCausalVideoVAE, out_dir: str | Path, num_videos: int, batch_size: int = 8,
                    seed: int = 0, rank: int = 0, world: int = 1, styles: Sequence[str] = ("none",),
-                   device: torch.device | str = "cpu") -> Path:
+                   device: torch.device | str = "cpu", first_frames: bool = False) -> Path:
     """Encode ``num_videos`` ShapesWorld training videos (17 x 128 x 128, drawn in ``styles``) once into shards of
     normalised latent means (``vae.normalize_latents``) with their captions (which name the style, as ShapesWorld's
     do). Shards already on disk are skipped, so an interrupted run resumes; ranks split the shards between them.
-    Videos are rendered ``batch_size`` at a time (a shard's videos would take the best part of a GB)."""
+    Videos are rendered ``batch_size`` at a time (a shard's videos would take the best part of a GB).
+    ``first_frames`` keeps frame 0 of each video only (latents ``[N, C, 1, h, w]``, what a first-frame generator
+    trains on): the scene is laid out for the whole video, so frame 0 places each object where its motion starts, and
+    the causal encoder gives frame 0 the latent it has in the whole video's encoding."""
     vae = vae.float().eval().to(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +53,7 @@ def encode_latents(vae: AsymmetricCausalVideoVAE, out_dir: str | Path, num_video
         for start in range(shard * SHARD, min((shard + 1) * SHARD, num_videos), batch_size):
             stop = min(start + batch_size, (shard + 1) * SHARD, num_videos)
             items = [sample("train", i, seed, styles=styles) for i in range(start, stop)]
-            videos = torch.stack([item.video for item in items]).to(device)
+            videos = torch.stack([item.video[:, :1] if first_frames else item.video for item in items]).to(device)
             latents.append(vae.normalize_latents(vae.encode(videos).latent_dist.mean).cpu())
             captions += [item.caption for item in items]
         tmp = path.with_suffix(".tmp")
