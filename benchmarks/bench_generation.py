@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from bench_core import ReportHead, report_preamble, write_atomic
 
-COMPONENTS = ("text_encoder", "context_adapter", "transformer", "vae_decoder", "super_resolution")
+COMPONENTS = ("text_encoder", "context_adapter", "first_frame_generator", "transformer", "vae_decoder",
+              "super_resolution")
 PROMPT = "a red circle moving to the right"
 
 
@@ -66,6 +67,10 @@ def instrument(pipe) -> ComponentClock:
     for name in ("context_adapter", "super_resolution"):
         if getattr(pipe, name) is not None:
             clock.wrap(name, getattr(pipe, name), "forward")
+    generator = pipe.first_frame_generator
+    if generator is not None:  # the nano UNet's own calls (its prompt encoding counts as text_encoder); else all of it
+        clock.wrap("first_frame_generator", generator, "forward" if isinstance(generator, torch.nn.Module) and
+                   hasattr(generator, "unet") else "first_frame_latents")
     return clock
 
 
@@ -73,7 +78,9 @@ def parameter_counts(pipe) -> dict[str, int]:
     def count(module) -> int:
         return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
+    generator = pipe.first_frame_generator
     return {"text_encoder": count(pipe.text_encoder), "context_adapter": count(pipe.context_adapter),
+            "first_frame_generator": count(generator) if isinstance(generator, torch.nn.Module) else 0,
             "transformer": count(pipe.transformer), "vae_decoder": count(pipe.vae.decoder),
             "vae_encoder (not used to generate)": count(pipe.vae.encoder),
             "super_resolution": count(pipe.super_resolution)}
@@ -108,6 +115,8 @@ def measure(model: str, repeats: int, threads: int, super_resolution: bool) -> d
     return {"model": model, "mode": pipe.mode, "load_s": load_s, "total_s": statistics.median(totals),
             "components_s": {k: statistics.median(v) for k, v in per_component.items()},
             "transformer_calls": calls.get("transformer", 0), "transformer_batch_items": batch.get("transformer", 0),
+            "first_frame_calls": calls.get("first_frame_generator", 0),
+            "first_frame_batch_items": batch.get("first_frame_generator", 0),
             "params": parameter_counts(pipe),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "video": f"{cfg.num_frames} x {cfg.height} x {cfg.width}", "threads": threads,
@@ -124,7 +133,8 @@ def render(report: Report, finished: bool) -> str:
                             "other jobs on the machine inflate the times; compare rows of the same run")
     lines += ["", f"Prompt: \"{PROMPT}\", seed 0, the model's default mode, steps and guidance; median of the timed "
               "videos after one warm-up video. NFE counts DiT forward calls; with CFG one call carries the "
-              "conditional and the unconditional batch, so batch items = 2 x calls.", "",
+              "conditional and the unconditional batch, so batch items = 2 x calls. In hybrid mode the first-frame "
+              "generator's UNet calls are its own column (its prompt encoding counts as text_encoder).", "",
               "| model | mode | video | dtype | threads | total (s) | " + " | ".join(f"{c} (s)" for c in COMPONENTS)
               + " | other (s) | NFE (calls / batch items) | peak RSS (GiB) | load (s) |",
               "|---" * (10 + len(COMPONENTS)) + "|"]

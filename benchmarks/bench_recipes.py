@@ -27,7 +27,8 @@ from bench_generation import COMPONENTS, measure
 PROMPT_SETS = ("nano-eval", "nano-heldout")
 DIMENSIONS = (("total", "total"), ("object_class", "shape"), ("colour", "colour"), ("motion", "motion"),
               ("multiple_objects", "count"), ("spatial_relationship", "relation"), ("appearance_style", "style"))
-PARAMETERS = ("text_encoder", "context_adapter", "transformer", "vae_decoder")
+PARAMETERS = ("text_encoder", "context_adapter", "first_frame_generator", "transformer", "vae_decoder")
+TIMED = tuple(c for c in COMPONENTS if c != "super_resolution")  # the recipes' rows generate without SR
 
 
 def vbench(model: str, prompt_set: str) -> dict:
@@ -64,12 +65,15 @@ def render(report: Report, finished: bool) -> str:
     lines += ["", "Latency: one 17 x 128 x 128 video, \"a red circle moving to the right\", seed 0, the model's "
               "defaults, median of the timed videos after a warm-up. VBench-nano: `neodragon eval run` on the "
               "whole prompt set with the bundled judge.", "",
-              "| model | total (s) | " + " | ".join(f"{c} (s)" for c in COMPONENTS[:4])
-              + " | peak RSS (GiB) | " + " | ".join(f"{c} params" for c in PARAMETERS) + " |",
-              "|---" * (3 + 4 + len(PARAMETERS)) + "|"]
+              "| model | mode | total (s) | " + " | ".join(f"{c} (s)" for c in TIMED)
+              + " | NFE (DiT calls / batch items) | peak RSS (GiB) | "
+              + " | ".join(f"{c} params" for c in PARAMETERS) + " |",
+              "|---" * (5 + len(TIMED) + len(PARAMETERS)) + "|"]
     for name, row in report.rows:
         parts = row["components_s"]
-        lines.append(f"| {name} | {row['total_s']:.2f} | " + " | ".join(f"{parts[c]:.3f}" for c in COMPONENTS[:4])
+        lines.append(f"| {name} | {row['mode']} | {row['total_s']:.2f} | "
+                     + " | ".join(f"{parts[c]:.3f}" for c in TIMED)
+                     + f" | {row['transformer_calls']} / {row['transformer_batch_items']}"
                      + f" | {row['peak_rss_gib']:.2f} | "
                      + " | ".join(f"{row['params'][c]:,}" for c in PARAMETERS) + " |")
     for prompt_set in PROMPT_SETS:

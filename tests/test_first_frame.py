@@ -13,7 +13,7 @@ from neodragon.data import sample
 from neodragon.models.first_frame import LATENT_UNET_SUBFOLDER, LatentFirstFrameGenerator, latent_unet
 from neodragon.pipelines import NeodragonPipeline
 from neodragon.pipelines.neodragon import PIPELINE_CONFIG, SUBFOLDERS, dit_mode
-from neodragon.presets import bundled_weights, load_pipeline, load_video_vae
+from neodragon.presets import load_pipeline, load_video_vae
 from neodragon.recipes.first_frame import export_hybrid, train_first_frame
 from neodragon.training.first_frame import first_frame_batches
 from neodragon.training.latents import CaptionEncodings, LatentCache, encode_latents
@@ -56,6 +56,10 @@ def test_first_frame_latents_are_frame_zero_of_the_video_latents(frame_latents):
         whole = vae.normalize_latents(vae.encode(video).latent_dist.mean)
     # the causal encoder gives frame 0 the latent it has in the whole video (what the DiT's history saw)
     torch.testing.assert_close(cache.latents[:2], whole[:, :, :1], atol=1e-4, rtol=1e-4)
+    # the objects' coverage at the latent resolution: every latent pixel that holds part of an object
+    assert cache.coverage.shape == (4, 1, 1, 16, 16)
+    covered = torch.nn.functional.max_pool2d(sample("train", 0).coverage[:1], 8)[0] > 0
+    assert torch.equal(cache.coverage[0, 0, 0] > 0, covered) and 0 < covered.float().mean() < 0.5
 
 
 def test_generator_samples_a_seeded_latent_with_and_without_guidance():
@@ -78,9 +82,32 @@ def test_batches_drop_captions_and_reject_video_latents(frame_latents, tmp_path)
     assert batch["latents"].shape == (2, 8, 16, 16) and batch["sigmas"].shape == (2,)
     torch.testing.assert_close(batch["encoding"].tokens, text.encode(["", ""]).tokens)
     torch.testing.assert_close(batch_fn(0, 0, 1)["noise"], batch["noise"])  # a pure function of (step, rank)
+    assert torch.equal(batch["weights"], torch.ones(2, 1, 16, 16))
+    weighted = first_frame_batches(cache, text, config(tmp_path, 1), object_weight=9.0)(0, 0, 1)["weights"]
+    torch.testing.assert_close(weighted, 1 + 9 * cache.coverage[:2, :, 0])
+    cache.coverage = None  # shards encoded before coverage was stored
+    with pytest.raises(ValueError, match="coverage"):
+        first_frame_batches(cache, text, config(tmp_path, 1), object_weight=9.0)
     cache.latents = cache.latents.repeat(1, 1, 3, 1, 1)
     with pytest.raises(ValueError, match="--first-frames"):
         first_frame_batches(cache, text, config(tmp_path, 1))
+
+
+def test_object_weight_moves_the_loss_towards_the_objects():
+    from neodragon.models.text import TextEncoding
+    from neodragon.training.first_frame import first_frame_loss
+
+    class Zero(torch.nn.Module):  # predicts velocity 0: the error is the target itself
+        def forward(self, latents, sigmas, tokens, mask, pooled):
+            return torch.zeros_like(latents)
+
+    latents, noise = torch.zeros(1, 1, 2, 2), torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    text = TextEncoding(torch.zeros(1, 1, 4), torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 4))
+    batch = {"latents": latents, "noise": noise, "sigmas": torch.zeros(1), "encoding": text}
+    plain = first_frame_loss(Zero(), {**batch, "weights": torch.ones(1, 1, 2, 2)})["loss"]
+    object_pixel = torch.tensor([[[[4.0, 1.0], [1.0, 1.0]]]])
+    assert plain.item() == pytest.approx(0.25)
+    assert first_frame_loss(Zero(), {**batch, "weights": object_pixel})["loss"].item() == pytest.approx(4 / 7)
 
 
 def test_training_resumes_to_the_same_weights(trained, frame_latents, tmp_path):
@@ -129,9 +156,7 @@ def test_hybrid_errors_say_what_to_do(hybrid, tmp_path):
     (broken / PIPELINE_CONFIG).write_text(json.dumps({**config, "hybrid_dit": "fast"}))
     with pytest.raises(ValueError, match="hybrid_dit"):
         NeodragonPipeline.from_pretrained(broken)
-    # the bundled monolithic model has no hybrid pair and no generator
-    with pytest.raises(FileNotFoundError):
-        NeodragonPipeline.from_pretrained(bundled_weights("nano-teacher"), mode="hybrid")
+    assert load_pipeline("nano-teacher").mode == "monolithic"  # the teacher preset runs the bundle monolithic
 
 
 def test_dit_mode_maps_hybrid_to_the_multistep_pair_when_asked():
@@ -157,3 +182,15 @@ def test_two_process_training_smoke(frame_latents, tmp_path):
                             "16,32", "--steps", "2", "--batch-size", "1", "--save-every", "2")
     assert log[-1]["step"] == 2
     assert (tmp_path / "ddp" / "final" / UNET_WEIGHTS).is_file()
+
+
+def test_nano_preset_folder_is_hybrid_with_the_generator(tmp_path):
+    from neodragon.presets import create_random_checkpoint, nano_preset
+
+    pipe = NeodragonPipeline.from_pretrained(create_random_checkpoint(nano_preset(), tmp_path / "nano"))
+    assert pipe.mode == "hybrid" and isinstance(pipe.first_frame_generator, LatentFirstFrameGenerator)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.first_frame_generator.num_inference_steps = 1
+    frames = pipe("a red circle", num_frames=9, video_num_inference_steps=1, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 9, 128, 128, 3)

@@ -200,7 +200,9 @@ def first_frame(latents: list[Path] = typer.Option(..., "--latents", help="Outpu
                 text_dropout: float = typer.Option(0.1, "--text-dropout", help="Share of captions dropped to the "
                                                    "empty prompt (what classifier-free guidance needs)."),
                 ema_decay: float = typer.Option(0.999, "--ema-decay", help="Decay of the weight average that "
-                                                "final/ holds (0 turns it off).")) -> None:
+                                                "final/ holds (0 turns it off)."),
+                object_weight: float = typer.Option(0.0, "--object-weight", help="Weigh the latent pixels that hold "
+                                                    "objects 1 + this many times in the loss.")) -> None:
     """Train the nano first-frame generator (hybrid mode's frame 0) by rectified flow on frame-0 latents."""
     from ..recipes.first_frame import train_first_frame
 
@@ -211,7 +213,7 @@ def first_frame(latents: list[Path] = typer.Option(..., "--latents", help="Outpu
     if len(channels) < 2 or min(channels) < 16 or any(c % 16 for c in channels):
         raise typer.BadParameter(f"--widths needs at least two levels, each a multiple of 16; got {widths!r}.")
     config = train_config(output, steps, batch_size, lr, save_every, seed, 500, max_minutes, ema_decay or None)
-    typer.echo(f"wrote {train_first_frame(config, latents, model, channels, text_dropout)}")
+    typer.echo(f"wrote {train_first_frame(config, latents, model, channels, text_dropout, object_weight)}")
 
 
 @app.command("export-hybrid")

@@ -4,7 +4,6 @@ stack, and the hybrid checkpoint folder that pairs it with the checkpoint's mult
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from ..models.first_frame import LATENT_UNET_SUBFOLDER, LatentFirstFrameGenerator, latent_unet
-from ..pipelines.neodragon import ModeDefaults, PipelineConfig, load_text_stack
+from ..pipelines.neodragon import PipelineConfig, load_text_stack
 from ..presets import local_folder
 from ..training.first_frame import first_frame_batches, first_frame_loss
 from ..training.latents import CaptionEncodings, LatentCache
@@ -23,10 +22,12 @@ from ..utils.checkpoint import strip_machine_paths
 
 
 def train_first_frame(config: TrainConfig, latents_dir: str | Path | Sequence[str | Path], model: str | Path = "nano",
-                      block_out_channels: Sequence[int] = (64, 96, 96), text_dropout: float = 0.1) -> Path:
+                      block_out_channels: Sequence[int] = (64, 96, 96), text_dropout: float = 0.1,
+                      object_weight: float = 0.0) -> Path:
     """Train a ``LatentFirstFrameGenerator`` on frame-0 latent folders, conditioned on the text stack of checkpoint
     ``model`` (whose VAE must have encoded the latents); writes ``final/`` (the weight average when the run keeps
-    one) and returns it."""
+    one) and returns it. ``object_weight`` weighs the latent pixels that hold objects ``1 + object_weight`` times
+    (``first_frame_batches``)."""
     set_seed(config.seed)  # before the UNet is built: the same seed gives the same initial weights
     device = PartialState(cpu=cpu_only()).device
     cache = LatentCache(latents_dir).to(device)
@@ -34,7 +35,8 @@ def train_first_frame(config: TrainConfig, latents_dir: str | Path | Sequence[st
     unet = latent_unet(cache.latents.shape[1], text.tokens.shape[-1], text.pooled.shape[-1], cache.latents.shape[-1],
                        tuple(block_out_channels))
     generator = LatentFirstFrameGenerator(unet)
-    trainer = Trainer(config, {"generator": generator}, first_frame_batches(cache, text, config, text_dropout),
+    batches = first_frame_batches(cache, text, config, text_dropout, object_weight)
+    trainer = Trainer(config, {"generator": generator}, batches,
                       lambda batch: first_frame_loss(trainer.modules["generator"], batch))
     trainer.resume()
     trainer.fit()
@@ -48,20 +50,14 @@ def train_first_frame(config: TrainConfig, latents_dir: str | Path | Sequence[st
 
 def export_hybrid(checkpoint: str | Path, generator_dir: str | Path, out_dir: str | Path,
                   num_inference_steps: int = 20, guidance_scale: float = 4.0,
-                  video_defaults: ModeDefaults | None = None, dtype: torch.dtype = torch.float16) -> Path:
+                  dtype: torch.dtype = torch.float16) -> Path:
     """``checkpoint`` (a monolithic folder) copied to ``out_dir`` with the first-frame generator of
-    ``generator_dir`` (a `train first-frame` ``final/``, cast to ``dtype``) and hybrid mode as its default: frame 0
-    from the generator, the later frames from the checkpoint's multi-step DiT with ``video_defaults`` (by default
-    the monolithic mode's later-frame steps and guidance)."""
+    ``generator_dir`` (a `train first-frame` ``final/``, cast to ``dtype``) and hybrid mode as its default
+    (``PipelineConfig.with_latent_first_frame``): frame 0 from the generator, the later frames from the
+    checkpoint's multi-step DiT."""
     source, out = local_folder(checkpoint), Path(out_dir)
     generator = LatentFirstFrameGenerator.from_pretrained(generator_dir, torch_dtype=dtype)
-    config = PipelineConfig.load(source)
-    later = config.modes["monolithic"]
-    video_defaults = video_defaults or ModeDefaults(later.video_num_inference_steps, later.video_num_inference_steps,
-                                                    later.video_guidance_scale, later.video_guidance_scale)
-    config = dataclasses.replace(config, default_mode="hybrid", first_frame="latent_unet", hybrid_dit="multistep",
-                                 first_frame_steps=num_inference_steps, first_frame_guidance=guidance_scale,
-                                 modes={**config.modes, "hybrid": video_defaults})
+    config = PipelineConfig.load(source).with_latent_first_frame(num_inference_steps, guidance_scale)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(LATENT_UNET_SUBFOLDER))

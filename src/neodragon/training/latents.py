@@ -11,24 +11,34 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..data import sample
+from ..data import Sample, sample
 from ..models.text import TextEncoding
 from ..models.vae import AsymmetricCausalVideoVAE
 
 SHARD = 256  # latents per cache file
 
 
-def _read_shard(path: Path) -> tuple[torch.Tensor, list[str]]:
-    """A latent shard's latents and captions; a file that is not a readable shard gets a message naming it."""
+def _read_shard(path: Path) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    """A latent shard's latents, captions and (first-frame shards) object coverage; a file that is not a readable
+    shard gets a message naming it."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor("latents"), json.loads(handle.metadata()["captions"])
+            coverage = handle.get_tensor("coverage") if "coverage" in handle.keys() else None  # noqa: SIM118
+            return handle.get_tensor("latents"), json.loads(handle.metadata()["captions"]), coverage
     except Exception as error:  # safetensors raises its own error types for truncated or foreign files
         raise ValueError(f"{path} is not a readable latent shard ({error}); delete it and re-run "
                          "`neodragon train encode-latents`, which re-creates missing shards.") from error
+
+
+def latent_coverage(items: Sequence[Sample], down: int) -> torch.Tensor:
+    """Frame 0's object coverage at the latent resolution, ``[B, 1, 1, h, w]``: the largest coverage of the pixels
+    each latent pixel encodes, so a latent pixel that holds any part of an object counts as object."""
+    coverage = torch.stack([item.coverage[:1] for item in items])  # [B, 1, H, W]
+    return F.max_pool2d(coverage, down).unsqueeze(1)
 
 
 @torch.no_grad()
@@ -40,8 +50,9 @@ def encode_latents(vae: AsymmetricCausalVideoVAE, out_dir: str | Path, num_video
     do). Shards already on disk are skipped, so an interrupted run resumes; ranks split the shards between them.
     Videos are rendered ``batch_size`` at a time (a shard's videos would take the best part of a GB).
     ``first_frames`` keeps frame 0 of each video only (latents ``[N, C, 1, h, w]``, what a first-frame generator
-    trains on): the scene is laid out for the whole video, so frame 0 places each object where its motion starts, and
-    the causal encoder gives frame 0 the latent it has in the whole video's encoding."""
+    trains on), with its object coverage (``latent_coverage``): the scene is laid out for the whole video, so frame 0
+    places each object where its motion starts, and the causal encoder gives frame 0 the latent it has in the whole
+    video's encoding."""
     vae = vae.float().eval().to(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,15 +60,20 @@ def encode_latents(vae: AsymmetricCausalVideoVAE, out_dir: str | Path, num_video
         path = out / f"shard_{shard:05d}.safetensors"
         if path.is_file():
             continue
-        latents, captions = [], []
+        latents, captions, coverage = [], [], []
         for start in range(shard * SHARD, min((shard + 1) * SHARD, num_videos), batch_size):
             stop = min(start + batch_size, (shard + 1) * SHARD, num_videos)
             items = [sample("train", i, seed, styles=styles) for i in range(start, stop)]
             videos = torch.stack([item.video[:, :1] if first_frames else item.video for item in items]).to(device)
             latents.append(vae.normalize_latents(vae.encode(videos).latent_dist.mean).cpu())
             captions += [item.caption for item in items]
+            if first_frames:
+                coverage.append(latent_coverage(items, vae.config.spatial_downsample_scale))
+        tensors = {"latents": torch.cat(latents).contiguous()}
+        if first_frames:
+            tensors["coverage"] = torch.cat(coverage).half().contiguous()
         tmp = path.with_suffix(".tmp")
-        save_file({"latents": torch.cat(latents).contiguous()}, str(tmp), metadata={"captions": json.dumps(captions)})
+        save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions)})
         os.replace(tmp, path)
     return out
 
@@ -71,19 +87,23 @@ class LatentCache:
 
     def __init__(self, folders: str | Path | Sequence[str | Path]):
         folders = [folders] if isinstance(folders, str | Path) else list(folders)
-        latents, captions = [], []
+        latents, captions, coverage = [], [], []
         for folder in folders:
             shards = sorted(Path(folder).glob("shard_*.safetensors"))
             if not shards:
                 raise FileNotFoundError(f"No latent shards in {folder}: run `neodragon train encode-latents` first.")
             for shard in shards:
-                tensors, metadata = _read_shard(shard)
+                tensors, metadata, covered = _read_shard(shard)
                 latents.append(tensors)
                 captions += metadata
+                coverage.append(covered)
         self.latents, self.captions = torch.cat(latents), captions
+        # the objects' coverage at the latent resolution (first-frame shards); None if any shard lacks it
+        self.coverage = None if any(c is None for c in coverage) else torch.cat(coverage).float()
         if len(folders) > 1:
             order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(0))
             self.latents, self.captions = self.latents[order], [captions[i] for i in order.tolist()]
+            self.coverage = None if self.coverage is None else self.coverage[order]
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -92,6 +112,7 @@ class LatentCache:
         """Hold the latents on ``device``: on a GPU, batches are then gathered there, with no per-step copy (at
         batch 1,024 on an H100, assembling and copying took a third of the step)."""
         self.latents = self.latents.to(device)
+        self.coverage = None if self.coverage is None else self.coverage.to(device)
         return self
 
     def rows(self, indices) -> list[int]:
