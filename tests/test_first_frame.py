@@ -156,7 +156,6 @@ def test_hybrid_errors_say_what_to_do(hybrid, tmp_path):
     (broken / PIPELINE_CONFIG).write_text(json.dumps({**config, "hybrid_dit": "fast"}))
     with pytest.raises(ValueError, match="hybrid_dit"):
         NeodragonPipeline.from_pretrained(broken)
-    assert load_pipeline("nano-teacher").mode == "monolithic"  # the teacher preset runs the bundle monolithic
 
 
 def test_dit_mode_maps_hybrid_to_the_multistep_pair_when_asked():
@@ -183,14 +182,3 @@ def test_two_process_training_smoke(frame_latents, tmp_path):
     assert log[-1]["step"] == 2
     assert (tmp_path / "ddp" / "final" / UNET_WEIGHTS).is_file()
 
-
-def test_nano_preset_folder_is_hybrid_with_the_generator(tmp_path):
-    from neodragon.presets import create_random_checkpoint, nano_preset
-
-    pipe = NeodragonPipeline.from_pretrained(create_random_checkpoint(nano_preset(), tmp_path / "nano"))
-    assert pipe.mode == "hybrid" and isinstance(pipe.first_frame_generator, LatentFirstFrameGenerator)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.first_frame_generator.num_inference_steps = 1
-    frames = pipe("a red circle", num_frames=9, video_num_inference_steps=1, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).frames
-    assert frames.shape == (1, 9, 128, 128, 3)

@@ -24,7 +24,6 @@ from transformers import AutoTokenizer
 
 from .data import caption_vocabulary
 from .models.context_adapter import ContextAdapter
-from .models.first_frame import LatentFirstFrameGenerator, latent_unet
 from .models.mmdit import PyramidMMDiT
 from .models.sentence import SentenceTextEncoder
 from .models.sr import QuickSRNet
@@ -52,7 +51,6 @@ class Preset:
     pipeline: PipelineConfig
     super_resolution: dict | None = None
     ssd_1b: dict | None = None
-    first_frame_unet: dict | None = None  # latent_unet arguments beyond the sizes the other components set
     modes: tuple[str, ...] = ("hybrid", "monolithic")
 
 
@@ -107,14 +105,6 @@ def nano_teacher_preset() -> Preset:
     )
 
 
-def nano_preset() -> Preset:
-    """The default nano model: the nano teacher run in hybrid mode, frame 0 from a small latent UNet (the SSD-1B
-    role; `neodragon train first-frame`) and the later frames from the teacher's multi-step DiT."""
-    teacher = nano_teacher_preset()
-    return replace(teacher, name="nano", first_frame_unet=dict(block_out_channels=(64, 96, 96)),
-                   pipeline=teacher.pipeline.with_latent_first_frame(steps=20, guidance=4.0))
-
-
 def reduced_official_preset() -> Preset:
     """The official layout, widths and 16-channel latent at test size (2 blocks, tiny encoders, tiny SSD-1B)."""
     return Preset(
@@ -148,11 +138,6 @@ def create_random_checkpoint(preset: Preset, root: str | Path, seed: int = 0) ->
             QuickSRNet(**preset.super_resolution).save_pretrained(root / SUBFOLDERS["super_resolution"])
         if preset.ssd_1b is not None:
             _write_tiny_ssd1b(root, **preset.ssd_1b)
-        if preset.first_frame_unet is not None:
-            unet = latent_unet(preset.vae["encoder_out_channels"], preset.dit["joint_attention_dim"],
-                               preset.dit["pooled_projection_dim"], preset.dit["sample_size"],
-                               **preset.first_frame_unet)
-            LatentFirstFrameGenerator(unet).save_pretrained(root)
     PyramidFlowMatchScheduler().save_pretrained(root / "scheduler")
     preset.pipeline.save(root)
     return root
@@ -201,12 +186,9 @@ def _write_tiny_ssd1b(root: Path, image_size: int) -> None:
         part.save_pretrained(root / SSD1B_SUBFOLDERS[name])
 
 
-PRESETS = {"nano": nano_preset, "nano-teacher": nano_teacher_preset, "nano-student": nano_student_preset,
+PRESETS = {"nano": nano_teacher_preset, "nano-teacher": nano_teacher_preset, "nano-student": nano_student_preset,
            "official-reduced": reduced_official_preset}
 BUNDLED = {"nano": "nano", "nano-teacher": "nano"}  # preset -> its folder under weights/ (the default ships)
-# A preset that runs its folder in another mode than the folder's default: the teacher is the monolithic model that
-# hybrid nano's first-frame generator was added to.
-PRESET_MODES = {"nano-teacher": "monolithic"}
 
 
 def bundled_weights(name: str = "nano") -> Path | None:
@@ -256,7 +238,6 @@ def load_pipeline(model: str = "nano", mode: str | None = None, torch_dtype: tor
     """A preset name (bundled weights; a preset without them is built with seeded random weights, with a
     warning), a checkpoint folder or a hub id."""
     if model in PRESETS:
-        mode = mode or PRESET_MODES.get(model)
         folder = bundled_weights(model)
         if folder is None:
             warnings.warn(f"No trained weights are bundled for the '{model}' preset yet: using freshly initialised "
