@@ -13,7 +13,6 @@ frame0 results mean anything.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 import torch
@@ -45,10 +44,8 @@ def hybrid_pipeline(source: str, entries: list[PromptEntry]):
     """The bundled monolithic model run in hybrid mode with ``source``'s frame 0: 'real', or a hybrid checkpoint."""
     if source == "real":
         pipe = load_pipeline("nano")
-        config = pipe.pipeline_config
-        later = config.modes["monolithic"]
-        config.modes["hybrid"] = dataclasses.replace(later, num_inference_steps=later.video_num_inference_steps,
-                                                     guidance_scale=later.video_guidance_scale)
+        # the hybrid defaults export-hybrid writes (its generator settings are unused: frame 0 is the real one)
+        pipe.pipeline_config = pipe.pipeline_config.with_latent_first_frame(steps=20, guidance=4.0)
         pipe.mode, pipe.first_frame_generator = "hybrid", RealFirstFrame(entries)
         return pipe
     return load_pipeline(source, mode="hybrid")

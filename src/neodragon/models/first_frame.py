@@ -175,5 +175,5 @@ class LatentFirstFrameGenerator(torch.nn.Module):
             if use_cfg:
                 uncond, cond = velocity.chunk(2)
                 velocity = uncond + self.guidance_scale * (cond - uncond)
-            latents = latents + (next_sigma - sigma) * velocity
+            latents = pipe.scheduler.step(velocity, sigma, next_sigma, latents)  # the pipeline's Euler step
         return latents.unsqueeze(2).to(pipe.transformer.dtype)
