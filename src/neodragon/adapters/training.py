@@ -48,11 +48,10 @@ from torch import nn
 
 from ..data import STYLES, sample
 from ..models.mmdit import DIT_TARGETS
-from ..models.text import TextEncoding
 from ..pipelines.neodragon import NeodragonPipeline
 from ..training.clips import object_crop_offset
 from ..training.flow_matching import FlowMatchingConfig, batch_flow_matching_loss, flow_matching_batches
-from ..training.latents import CaptionEncodings, LatentCache
+from ..training.latents import CaptionEncodings, LatentCache, PipelineConditioning
 from ..training.trainer import TrainConfig, Trainer, cycle_indices, make_accelerator, read_log
 from ..training.vae import VAELossWeights, reconstruction_losses
 from .foura import FouraConfig
@@ -140,18 +139,6 @@ class TrainedAdapter:
     model: nn.Module
     parameters: int
     record: dict
-
-
-class PipelineConditioning:
-    """The conditioning a pipeline's DiT reads (text stack, then its ContextAdapter when it has one) as a
-    ``TextEncoding``, so that ``CaptionEncodings`` can cache it."""
-
-    def __init__(self, pipe: NeodragonPipeline):
-        self.pipe = pipe
-
-    def encode(self, prompts: list[str]) -> TextEncoding:
-        cond = self.pipe.encode_prompt(list(prompts))
-        return TextEncoding(cond.context, cond.mask, cond.pooled)
 
 
 # ---------------------------------------------------------------------------------------------- data

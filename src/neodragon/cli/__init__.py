@@ -1,6 +1,6 @@
 """The ``neodragon`` command line: ``generate`` a video, ``info`` about a model, and the command groups ``train``,
-``distill``, ``data``, ``eval`` and ``adapter``. Each group is a module of this package; every command imports
-torch and the library inside its body, so that ``--help`` answers at once."""
+``distill``, ``prune``, ``data``, ``eval`` and ``adapter``. Each group is a module of this package; every command
+imports torch and the library inside its body, so that ``--help`` answers at once."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .errors import FriendlyGroup
 from .eval import app as eval_app
 from .generate import generate
 from .info import info
+from .prune import app as prune_app
 from .train import app as train_app
 
 app = typer.Typer(cls=FriendlyGroup, add_completion=False, no_args_is_help=True,
@@ -21,6 +22,7 @@ app.command()(generate)
 app.command()(info)
 app.add_typer(train_app, name="train")
 app.add_typer(distill_app, name="distill")
+app.add_typer(prune_app, name="prune")
 app.add_typer(data_app, name="data", help="ShapesWorld, the nano world: previews of its captioned videos.")
 app.add_typer(adapter_app, name="adapter", help="SHiRA and FouRA adapters: train, inspect, convert, fuse, export.")
 app.add_typer(eval_app, name="eval", help="VBench-nano: score a model with the bundled judge; train the judge.")

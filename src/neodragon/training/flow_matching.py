@@ -66,16 +66,26 @@ def _draw_index(count: int, weights: Sequence[float] | None, what: str, generato
     return int(torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1, generator=generator))
 
 
-def flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchScheduler, latents: torch.Tensor,
-                       context: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor, unit: int, stage: int,
-                       generator: torch.Generator, history_corruption: float = 1 / 3) -> dict[str, torch.Tensor]:
-    """Loss at (unit, stage) for a batch of normalised clean latents ``[B, C, T, H, W]`` (whole videos)."""
+def flow_matching_inputs(scheduler: PyramidFlowMatchScheduler, latents: torch.Tensor, unit: int, stage: int,
+                         generator: torch.Generator, history_corruption: float = 1 / 3,
+                         ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One draw of the objective at (unit, stage) for normalised clean latents ``[B, C, T, H, W]`` (whole videos):
+    the DiT's clips (the corrupted history pyramid, then the noisy current frame), the velocity target and the
+    timestep."""
     history = _corrupted_history(scheduler, latents, unit, stage, generator, history_corruption)
     current = latents[:, :, unit : unit + 1]
     noise = torch.randn(current.shape, generator=generator)
     index = torch.randint(scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy, target, timestep = scheduler.training_target(current, noise.to(current), stage, index)
-    prediction = dit([history + [noisy]], context, mask, pooled, timestep)[0]
+    return history + [noisy], target, timestep
+
+
+def flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchScheduler, latents: torch.Tensor,
+                       context: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor, unit: int, stage: int,
+                       generator: torch.Generator, history_corruption: float = 1 / 3) -> dict[str, torch.Tensor]:
+    """Loss at (unit, stage) for a batch of normalised clean latents ``[B, C, T, H, W]`` (whole videos)."""
+    clips, target, timestep = flow_matching_inputs(scheduler, latents, unit, stage, generator, history_corruption)
+    prediction = dit([clips], context, mask, pooled, timestep)[0]
     loss = F.mse_loss(prediction.float(), target.float())
     return {"loss": loss, "unit": torch.tensor(float(unit)), "stage": torch.tensor(float(stage))}
 

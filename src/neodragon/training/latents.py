@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from safetensors.torch import save_file
 from ..data import Sample, sample
 from ..models.text import TextEncoding
 from ..models.vae import AsymmetricCausalVideoVAE
+
+if TYPE_CHECKING:
+    from ..pipelines.neodragon import NeodragonPipeline
 
 SHARD = 256  # latents per cache file
 
@@ -126,7 +129,7 @@ class LatentCache:
 
 class CaptionEncoder(Protocol):
     """Anything that turns prompts into the DiT's text conditioning: a text encoder, or a pipeline's whole text
-    path (``neodragon.adapters.training.PipelineConditioning``)."""
+    path (``PipelineConditioning``)."""
 
     def encode(self, prompts: list[str]) -> TextEncoding: ...
 
@@ -146,3 +149,15 @@ class CaptionEncodings:
     def encode(self, captions: list[str]) -> TextEncoding:
         rows = torch.tensor([self.row[c] for c in captions], device=self.tokens.device)
         return TextEncoding(self.tokens[rows], self.mask[rows], self.pooled[rows])
+
+
+class PipelineConditioning:
+    """The conditioning a pipeline's DiT reads (text stack, then its ContextAdapter when it has one) as a
+    ``TextEncoding``, so that ``CaptionEncodings`` can cache it."""
+
+    def __init__(self, pipe: NeodragonPipeline):
+        self.pipe = pipe
+
+    def encode(self, prompts: list[str]) -> TextEncoding:
+        cond = self.pipe.encode_prompt(list(prompts))
+        return TextEncoding(cond.context, cond.mask, cond.pooled)
