@@ -108,3 +108,43 @@ def text_encoder(teacher: str = typer.Option("nano", "--teacher", help="The mode
                                    trajectory_prompts, prompts_file, cache_targets)
     if metrics:
         typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def steps(teacher: str = typer.Option(..., "--teacher", help="A checkpoint folder whose multistep DiT is the frozen "
+                                      "real score and the start of the generator (the pruned, recovered one)."),
+          latents: list[Path] = typer.Option(..., "--latents", help="Latent folders of `train encode-latents` made "
+                                             "with this model's VAE (repeat to mix): prompts, history, targets."),
+          output: Path = OUTPUT, steps: int = STEPS,
+          batch_size: int = typer.Option(8, "--batch-size", help="Videos per process and step."),
+          lr: float = typer.Option(1e-5, "--lr", help="Peak learning rate of generator and fake score."),
+          save_every: int = SAVE, seed: int = SEED,
+          student_steps: int = typer.Option(4, "--student-steps", help="The generator learns from the points of a "
+                                            "sampler with this many steps per stage (4: 4-4-4; 1-1-1 uses the "
+                                            "first)."),
+          fake_updates: int = typer.Option(2, "--fake-updates", help="Fake-score updates per generator update."),
+          regression_weight: float = typer.Option(0.5, "--regression-weight", help="Weight of the Cauchy "
+                                                  "regression to the ground-truth latents."),
+          ema_decay: float = typer.Option(None, "--ema-decay", help="Keep a weight average (e.g. 0.99) and export "
+                                          "it."),
+          max_minutes: float = MAX_MINUTES) -> None:
+    """Pyramidal DMD: a generator that crosses each pyramid stage in one step; writes final/ (the generator) and
+    checkpoint/ (the teacher's folder with it, 1-1-1 without CFG by default)."""
+    from ..presets import checkpoint_folder
+    from ..recipes.distill_steps import distill_steps
+    from ..training.dmd import DMDConfig
+
+    folder = checkpoint_folder(teacher)
+    if folder is None:
+        raise typer.BadParameter(f"--teacher {teacher} is not a checkpoint folder or a preset with weights")
+    from ..pipelines.neodragon import PipelineConfig
+
+    defaults = PipelineConfig.load(folder).modes["monolithic"]
+    try:
+        dmd = DMDConfig(student_steps=student_steps, fake_updates=fake_updates, regression_weight=regression_weight,
+                        guidance_scale=defaults.guidance_scale, video_guidance_scale=defaults.video_guidance_scale)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    out = distill_steps(train_config(output, steps, batch_size, lr, save_every, seed, 50, max_minutes, ema_decay),
+                        teacher, latents, dmd)
+    typer.echo(f"wrote {out}")

@@ -44,7 +44,7 @@ PRUNING_FILE = "pruning.json"
 DIT = SUBFOLDERS["monolithic", "transformer"]
 
 
-def _source_folder(model: str | Path) -> Path:
+def dit_checkpoint(model: str | Path) -> Path:
     folder = checkpoint_folder(model)
     if folder is None or not (folder / DIT).is_dir():
         raise FileNotFoundError(f"{model} is not a checkpoint folder with a multistep DiT ({DIT}/): pruning works "
@@ -52,7 +52,7 @@ def _source_folder(model: str | Path) -> Path:
     return folder
 
 
-def _pipeline(folder: Path) -> NeodragonPipeline:
+def monolithic_pipeline(folder: Path) -> NeodragonPipeline:
     pipe = NeodragonPipeline.from_pretrained(folder, mode="monolithic", torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -72,8 +72,8 @@ def measure_importance(model: str | Path, out_dir: str | Path, prompts: int = 32
       (paired draws: the same noise for every variant);
     - with ``prompt_set``, VBench-nano of each single-block removal (``eval_limit``: its first N prompts).
     """
-    folder = _source_folder(model)
-    pipe = _pipeline(folder)
+    folder = dit_checkpoint(model)
+    pipe = monolithic_pipeline(folder)
     dit = pipe.transformer
     exclude = [e.caption for name in ("nano-eval", "nano-heldout") for e in load_prompt_set(name)]
     calibration = distillation_prompts(prompts, seed=seed + 1, exclude=exclude)
@@ -163,7 +163,7 @@ def apply_pruning(model: str | Path, drop: Sequence[int], out_dir: str | Path) -
     """``model``'s checkpoint folder copied to ``out_dir`` with its multistep DiT pruned of ``drop`` (same dtype),
     and ``pruning.json`` (source, dropped and kept teacher blocks). DiT adapters are left out: their layer names
     follow the unpruned block indices."""
-    source = _source_folder(model)
+    source = dit_checkpoint(model)
     dit = PyramidMMDiT.from_pretrained(source / DIT)
     kept = kept_blocks(dit.config.num_layers, drop)
     pruned = prune_blocks(dit, drop).to(stored_dtype(source / DIT))
@@ -225,7 +225,7 @@ def recover(config: TrainConfig, pruned: str | Path, stage: int, latents_dir: st
     folder, objective = Path(pruned), objective or FlowMatchingConfig()
     record = read_pruning(folder)
     set_seed(config.seed)
-    pipe = _pipeline(folder)
+    pipe = monolithic_pipeline(folder)
     device = PartialState(cpu=cpu_only()).device
     cache = LatentCache(latents_dir).to(device)
     text = CaptionEncodings(PipelineConditioning(pipe.to(device)), cache.captions)
@@ -235,7 +235,8 @@ def recover(config: TrainConfig, pruned: str | Path, stage: int, latents_dir: st
         def loss_fn(batch: dict) -> dict:
             return batch_flow_matching_loss(trainer.modules["dit"], pipe.scheduler, batch, objective)
     else:
-        teacher = _pipeline(_source_folder(record["source"])).transformer.to(device).eval().requires_grad_(False)
+        teacher = monolithic_pipeline(dit_checkpoint(record["source"])).transformer
+        teacher = teacher.to(device).eval().requires_grad_(False)
         if teacher.config.num_layers != record["source_layers"]:
             raise ValueError(f"{record['source']} has {teacher.config.num_layers} blocks, but {folder} was pruned "
                              f"from a {record['source_layers']}-block DiT; pass the folder pruned from it.")

@@ -316,15 +316,9 @@ class PyramidFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         if idx.numel() != b or (idx < 0).any() or (idx >= n_steps).any():
             raise ValueError(f"index must be a scalar or [B={b}] with values in [0, {n_steps - 1}]")
 
-        clean = self.latent_pyramid(clean_latents_full.float())
+        clean = self.latent_pyramid(clean_latents_full.float())[stage]
         noise = self.noise_pyramid(noise_full.float())[stage]
-        s, e = self.start_sigmas[stage], self.end_sigmas[stage]
-        if stage == 0:
-            start = noise
-        else:
-            prev = clean[stage - 1]
-            start = s * noise + (1 - s) * _resize_frames(prev, (prev.shape[-2] * 2, prev.shape[-1] * 2), "nearest")
-        end = clean[stage] if stage == self.config.stages - 1 else e * noise + (1 - e) * clean[stage]
+        start, end = self.stage_points(clean, noise, stage)
 
         device = clean_latents_full.device
         tau = self.sigmas_per_stage[stage][idx].float().to(device).view(b, 1, 1, 1, 1)
@@ -332,6 +326,20 @@ class PyramidFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         dtype = clean_latents_full.dtype
         timestep = self.timesteps_per_stage[stage][idx].to(device)
         return noisy.to(dtype), (start - end).to(dtype), timestep
+
+    def stage_points(self, clean: torch.Tensor, noise: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(start, end) of ``stage`` for a clean latent and noise at that stage's resolution (Eq. 6-7): the start
+        mixes the noise with the clean latent halved and upsampled back (pure noise at stage 0), the end mixes it
+        with the clean latent itself (the clean latent at the last stage); both share one noise draw."""
+        stage = self._check_stage(stage)
+        s, e = self.start_sigmas[stage], self.end_sigmas[stage]
+        if stage == 0:
+            start = noise
+        else:
+            prev = _resize_frames(clean, (clean.shape[-2] // 2, clean.shape[-1] // 2), "bilinear")
+            start = s * noise + (1 - s) * _resize_frames(prev, (prev.shape[-2] * 2, prev.shape[-1] * 2), "nearest")
+        end = clean if stage == self.config.stages - 1 else e * noise + (1 - e) * clean
+        return start, end
 
     def corrupt_history(
         self,

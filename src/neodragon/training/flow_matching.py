@@ -72,7 +72,7 @@ def flow_matching_inputs(scheduler: PyramidFlowMatchScheduler, latents: torch.Te
     """One draw of the objective at (unit, stage) for normalised clean latents ``[B, C, T, H, W]`` (whole videos):
     the DiT's clips (the corrupted history pyramid, then the noisy current frame), the velocity target and the
     timestep."""
-    history = _corrupted_history(scheduler, latents, unit, stage, generator, history_corruption)
+    history = corrupted_history(scheduler, latents, unit, stage, generator, history_corruption)
     current = latents[:, :, unit : unit + 1]
     noise = torch.randn(current.shape, generator=generator)
     index = torch.randint(scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
@@ -90,7 +90,7 @@ def flow_matching_loss(dit: nn.Module, scheduler: PyramidFlowMatchScheduler, lat
     return {"loss": loss, "unit": torch.tensor(float(unit)), "stage": torch.tensor(float(stage))}
 
 
-def _corrupted_history(scheduler: PyramidFlowMatchScheduler, latents: torch.Tensor, unit: int, stage: int,
+def corrupted_history(scheduler: PyramidFlowMatchScheduler, latents: torch.Tensor, unit: int, stage: int,
                        generator: torch.Generator, max_sigma: float) -> list[torch.Tensor]:
     """The clean frames before ``unit`` as the stage's history pyramid, noise-corrupted (empty at unit 0)."""
     if unit == 0:

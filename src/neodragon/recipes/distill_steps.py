@@ -1,0 +1,88 @@
+"""`neodragon distill steps`: pyramidal DMD (Neodragon's recipe 4). The checkpoint's multistep DiT is the frozen
+real score and the starting point of both the generator and the fake score; the result is the same folder with
+the generator as its DiT, sampled 1-1-1 without CFG by default (4-4-4 with ``--steps 4``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from accelerate import PartialState
+from accelerate.utils import set_seed
+
+from ..models.mmdit import PyramidMMDiT
+from ..pipelines.neodragon import PipelineConfig
+from ..training.dmd import DMDConfig, dmd_losses
+from ..training.flow_matching import FlowMatchingConfig, flow_matching_batches
+from ..training.latents import CaptionEncodings, LatentCache, PipelineConditioning
+from ..training.trainer import TrainConfig, Trainer, cpu_only
+from ..utils.checkpoint import strip_machine_paths
+from .prune import DIT, dit_checkpoint, monolithic_pipeline, stored_dtype
+
+RECORD_FILE = "step_distillation.json"
+
+
+def distill_steps(config: TrainConfig, teacher: str | Path, latents_dir: str | Path | list[str | Path],
+                  dmd: DMDConfig | None = None, objective: FlowMatchingConfig | None = None) -> Path:
+    """Train the one-step-per-stage generator on cached latents (their captions are the prompts, their frames the
+    history and the regression targets); writes ``final/`` (the generator) and ``checkpoint/``. Without ``dmd``,
+    the real score's guidance is the teacher's own monolithic CFG scales."""
+    folder = dit_checkpoint(teacher)
+    pipe = monolithic_pipeline(folder)
+    defaults = pipe.pipeline_config.modes["monolithic"]
+    dmd = dmd or DMDConfig(guidance_scale=defaults.guidance_scale, video_guidance_scale=defaults.video_guidance_scale)
+    objective = replace(objective or FlowMatchingConfig(), text_dropout=0.0,
+                        history_corruption=dmd.history_corruption)
+    set_seed(config.seed)
+    device = PartialState(cpu=cpu_only()).device
+    cache = LatentCache(latents_dir).to(device)
+    negative = pipe.pipeline_config.negative_prompt
+    text = CaptionEncodings(PipelineConditioning(pipe.to(device)), cache.captions + [negative])
+    real_score = pipe.transformer.float().eval().requires_grad_(False)
+    generator, fake_score = copy.deepcopy(real_score).train(), copy.deepcopy(real_score).train()
+    for module in (generator, fake_score):
+        module.requires_grad_(True)
+    flow_batches = flow_matching_batches(cache, text, config, objective, pipe.scheduler.config.stages)
+
+    def batch_fn(step: int, rank: int, world: int) -> dict:
+        batch = flow_batches(step, rank, world)
+        return {**batch, "uncond": text.encode([negative] * batch["latents"].shape[0]), "role": dmd.role(step)}
+
+    def loss_fn(batch: dict) -> dict:
+        return dmd_losses(trainer.modules["generator"], trainer.modules["fake"], real_score, pipe.scheduler, batch,
+                          dmd, batch["role"])
+
+    trainer = Trainer(config, {"generator": generator, "fake": fake_score}, batch_fn, loss_fn)
+    trainer.resume()
+    trainer.fit()
+    out = Path(config.output_dir)
+    if trainer.accelerator.is_main_process:
+        with trainer.averaged_weights():
+            trainer.unwrap("generator").save_pretrained(out / "final")
+        export_distilled(folder, out / "final", out / "checkpoint",
+                         {"teacher": str(teacher), "steps": trainer.step, "dmd": asdict(dmd)})
+    trainer.accelerator.wait_for_everyone()
+    return out / "checkpoint"
+
+
+def export_distilled(teacher: Path, dit_dir: Path, out: Path, record: dict) -> Path:
+    """``teacher``'s folder with the distilled DiT (in the teacher's stored dtype) as its DiT and 1-1-1 sampling
+    without CFG as its default, plus ``step_distillation.json``."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(teacher, tmp)
+    shutil.rmtree(tmp / DIT)
+    PyramidMMDiT.from_pretrained(dit_dir).to(stored_dtype(teacher / DIT)).save_pretrained(tmp / DIT)
+    config = PipelineConfig.load(tmp)
+    one_step = replace(config.modes["monolithic"], num_inference_steps=[1, 1, 1], video_num_inference_steps=[1, 1, 1],
+                       guidance_scale=0.0, video_guidance_scale=0.0)
+    replace(config, modes={**config.modes, "monolithic": one_step}).save(tmp)
+    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    strip_machine_paths(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
