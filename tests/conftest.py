@@ -27,12 +27,13 @@ def _deterministic_threads():
     yield
 
 
-def run_two_processes(run_dir: Path, *cli_args: str) -> list[dict]:
-    """``neodragon <cli_args> -o run_dir`` under ``accelerate launch`` with two CPU processes; checks that it
-    succeeded as one process group of two and returns the run's log."""
+def run_two_processes(run_dir: Path, *cli_args: str, config_file: Path | None = None) -> list[dict]:
+    """``neodragon <cli_args> -o run_dir`` under ``accelerate launch`` with two CPU processes (DDP, or what
+    ``config_file`` says); checks that it succeeded as one process group of two and returns the run's log."""
     from neodragon.training.trainer import read_log
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    strategy = ["--config_file", str(config_file)] if config_file else ["--multi_gpu"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *strategy, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "neodragon", *cli_args, "-o", str(run_dir)]
     result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)

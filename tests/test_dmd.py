@@ -4,6 +4,8 @@ the trainer (steps, exact resume, export -> load -> generate, 2 processes)."""
 import copy
 import json
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +14,9 @@ from conftest import run_two_processes
 from neodragon.models.mmdit import PyramidMMDiT
 from neodragon.pipelines import NeodragonPipeline
 from neodragon.pipelines.neodragon import PipelineConfig
-from neodragon.presets import load_pipeline, load_video_vae
+from neodragon.presets import create_random_checkpoint, load_pipeline, load_video_vae, reduced_official_preset
 from neodragon.recipes.distill_steps import RECORD_FILE, distill_steps
+from neodragon.recipes.prune import apply_pruning, read_pruning
 from neodragon.schedulers import PyramidFlowMatchScheduler
 from neodragon.training.dmd import DMDConfig, dmd_losses, student_indices
 from neodragon.training.latents import CaptionEncodings, LatentCache, PipelineConditioning, encode_latents
@@ -107,3 +110,24 @@ def test_distill_steps_runs_as_two_processes(latents, tmp_path):
     log = run_two_processes(tmp_path / "run", "distill", "steps", "--teacher", "nano", "--latents", str(latents),
                             "--steps", "3", "--batch-size", "1", "--save-every", "3")
     assert log[-1]["step"] == 3 and (tmp_path / "run" / "checkpoint" / RECORD_FILE).is_file()
+
+
+def test_official_layout_prunes_recovers_and_distils_under_fsdp(tmp_path):
+    """The release's layout at reduced widths (16-channel latent, DT5 + ContextAdapter) through the whole DiT chain,
+    with the FSDP configuration documented for the release's scale, as two CPU processes."""
+    preset = reduced_official_preset()
+    root = create_random_checkpoint(replace(preset, dit={**preset.dit, "num_layers": 4}), tmp_path / "model")
+    pruned = apply_pruning(root, [1], tmp_path / "pruned")
+    latents = encode_latents(load_video_vae(root), tmp_path / "latents", num_videos=2, batch_size=2)
+    fsdp = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    run_two_processes(tmp_path / "recovered", "prune", "recover", str(pruned), "--stage", "2", "--latents",
+                      str(latents), "--steps", "2", "--batch-size", "1", "--save-every", "2", config_file=fsdp)
+    recovered = tmp_path / "recovered" / "checkpoint"
+    assert [r["stage"] for r in read_pruning(recovered)["recovery"]] == [2]
+    log = run_two_processes(tmp_path / "distilled", "distill", "steps", "--teacher", str(recovered), "--latents",
+                            str(latents), "--steps", "3", "--batch-size", "1", "--save-every", "3", config_file=fsdp)
+    assert "dmd" in log[-1]
+    pipe = NeodragonPipeline.from_pretrained(tmp_path / "distilled" / "checkpoint")
+    assert pipe.transformer.config.num_layers == 3
+    video = pipe("a red circle", num_frames=9, generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    assert torch.isfinite(video).all()

@@ -59,9 +59,9 @@ def distill_steps(config: TrainConfig, teacher: str | Path, latents_dir: str | P
     trainer.resume()
     trainer.fit()
     out = Path(config.output_dir)
+    with trainer.averaged_weights():
+        trainer.save_model("generator", out / "final")
     if trainer.accelerator.is_main_process:
-        with trainer.averaged_weights():
-            trainer.unwrap("generator").save_pretrained(out / "final")
         export_distilled(folder, out / "final", out / "checkpoint",
                          {"teacher": str(teacher), "steps": trainer.step, "dmd": asdict(dmd)})
     trainer.accelerator.wait_for_everyone()
@@ -69,8 +69,9 @@ def distill_steps(config: TrainConfig, teacher: str | Path, latents_dir: str | P
 
 
 def export_distilled(teacher: Path, dit_dir: Path, out: Path, record: dict) -> Path:
-    """``teacher``'s folder with the distilled DiT (in the teacher's stored dtype) as its DiT and 1-1-1 sampling
-    without CFG as its default, plus ``step_distillation.json``."""
+    """``teacher``'s folder with the distilled DiT (in the teacher's stored dtype) in place of its multistep DiT and
+    monolithic 1-1-1 sampling without CFG as its default (frame 0 included), plus ``step_distillation.json``. A
+    release-layout folder keeps its own hybrid-mode DiT."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(teacher, tmp)
@@ -79,7 +80,7 @@ def export_distilled(teacher: Path, dit_dir: Path, out: Path, record: dict) -> P
     config = PipelineConfig.load(tmp)
     one_step = replace(config.modes["monolithic"], num_inference_steps=[1, 1, 1], video_num_inference_steps=[1, 1, 1],
                        guidance_scale=0.0, video_guidance_scale=0.0)
-    replace(config, modes={**config.modes, "monolithic": one_step}).save(tmp)
+    replace(config, default_mode="monolithic", modes={**config.modes, "monolithic": one_step}).save(tmp)
     (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
     strip_machine_paths(tmp)
     if out.exists():

@@ -249,24 +249,21 @@ def recover(config: TrainConfig, pruned: str | Path, stage: int, latents_dir: st
     trainer.resume()
     trainer.fit()
     out = Path(config.output_dir)
+    trainer.save_model("dit", out / "final")
     if trainer.accelerator.is_main_process:
-        recovered = trainer.unwrap("dit")
-        recovered.save_pretrained(out / "final")
-        _export_recovered(folder, recovered, out / "checkpoint", {
+        _export_recovered(folder, out / "final", out / "checkpoint", {
             "stage": stage, "steps": trainer.step, "run": out.name,
             **({"mapping": mapping, "weights": vars(weights)} if stage == 2 else {})})
     trainer.accelerator.wait_for_everyone()
     return out / "checkpoint"
 
 
-def _export_recovered(pruned: Path, dit: PyramidMMDiT, out: Path, stage_record: dict) -> None:
-    dtype = stored_dtype(pruned / DIT)
+def _export_recovered(pruned: Path, dit_dir: Path, out: Path, stage_record: dict) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(pruned, tmp)
     shutil.rmtree(tmp / DIT)
-    dit.to(dtype).save_pretrained(tmp / DIT)
-    dit.float()
+    PyramidMMDiT.from_pretrained(dit_dir).to(stored_dtype(pruned / DIT)).save_pretrained(tmp / DIT)
     record = read_pruning(pruned)
     record["recovery"] = [*record["recovery"], stage_record]
     (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=1) + "\n")

@@ -112,6 +112,17 @@ class Trainer:
     def unwrap(self, name: str) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.modules[name])
 
+    def save_model(self, name: str, folder: str | Path) -> None:
+        """``save_pretrained`` of module ``name`` with its full weights. Every process must call it: under FSDP the
+        shards are gathered first (the main process writes)."""
+        state = self.accelerator.get_state_dict(self.modules[name])
+        if self.accelerator.is_main_process:
+            model = self.unwrap(name)
+            full = type(model).from_config(model.config).to(next(iter(state.values())).dtype)
+            full.load_state_dict(state)
+            full.save_pretrained(folder)
+        self.accelerator.wait_for_everyone()
+
     # -- checkpoints ------------------------------------------------------------------------------------
 
     def _checkpoints(self) -> list[Path]:
