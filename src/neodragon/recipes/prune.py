@@ -135,7 +135,8 @@ def _write_importance(out: Path, result: dict) -> None:
 def importance_table(result: dict) -> str:
     """The importance result as a markdown table, one row per block (the first row: nothing removed)."""
     vbench = result.get("vbench") or {}
-    dims = ("shape", "colour", "motion", "count", "relation")
+    dims = {"shape": "object_class", "colour": "colour", "motion": "motion", "count": "multiple_objects",
+            "relation": "spatial_relationship"}
     head = "| block removed | BI visual | BI text | held-out FM loss |"
     if vbench:
         head += " VBench-nano total | " + " | ".join(dims) + " |"
@@ -148,7 +149,7 @@ def importance_table(result: dict) -> str:
         if vbench:
             scores = vbench[name]
             row += f" {scores['total']:.4f} | " + " | ".join(
-                "n/a" if scores.get(d) is None else f"{100 * scores[d]:.1f}%" for d in dims) + " |"
+                "n/a" if scores.get(key) is None else f"{100 * scores[key]:.1f}%" for key in dims.values()) + " |"
         lines.append(row)
     last = result["num_layers"] - 1  # kept always: the only block that does not update the text
     lines.append(f"| {last} (last, kept) | {result['visual'][last]:.5f} | n/a | n/a |"
