@@ -3,7 +3,7 @@ recovery curves (from the runs' log.jsonl). Drawn with PIL, which the package al
 root:
 
     python benchmarks/plot_pruning.py importance runs/imp/importance.json --out docs/results/pruning-importance.png
-    python benchmarks/plot_pruning.py curves 'stage 1=runs/s1' 'stage 2=runs/s2' --key to_truth \
+    python benchmarks/plot_pruning.py curves 'stage 1=runs/s1' 'stage 2=runs/s2' --key to_truth,loss \
         --out docs/results/pruning-recovery.png
 """
 
@@ -73,8 +73,13 @@ def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, flo
 
 
 def curves_chart(runs: dict[str, list[dict]], key: str, window: int = 1) -> Image.Image:
-    """``key`` of each run's log against its step, as a trailing mean over ``window`` logged points."""
-    points = {name: _smooth([(r["step"], r[key]) for r in log if key in r], window) for name, log in runs.items()}
+    """``key`` of each run's log against its step, as a trailing mean over ``window`` logged points. ``key`` may
+    list alternatives (``to_truth,loss``: stage 2 logs its flow-matching loss as to_truth, stage 1 as loss)."""
+    def value(record: dict) -> float | None:
+        return next((record[k] for k in key.split(",") if k in record), None)
+
+    points = {name: _smooth([(r["step"], value(r)) for r in log if value(r) is not None], window)
+              for name, log in runs.items()}
     steps = [s for p in points.values() for s, _ in p]
     values = [v for p in points.values() for _, v in p]
     low, high, last = min(values), max(values), max(steps)
