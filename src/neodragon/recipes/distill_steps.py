@@ -5,8 +5,6 @@ the generator as its DiT, sampled 1-1-1 without CFG by default (4-4-4 with ``--s
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -19,8 +17,7 @@ from ..training.dmd import DMDConfig, dmd_losses
 from ..training.flow_matching import FlowMatchingConfig, flow_matching_batches
 from ..training.latents import CaptionEncodings, LatentCache, PipelineConditioning
 from ..training.trainer import TrainConfig, Trainer, cpu_only
-from ..utils.checkpoint import strip_machine_paths
-from .prune import DIT, dit_checkpoint, monolithic_pipeline, stored_dtype
+from .prune import copy_with_dit, dit_checkpoint, monolithic_pipeline
 
 RECORD_FILE = "step_distillation.json"
 
@@ -72,18 +69,8 @@ def export_distilled(teacher: Path, dit_dir: Path, out: Path, record: dict) -> P
     """``teacher``'s folder with the distilled DiT (in the teacher's stored dtype) in place of its multistep DiT and
     monolithic 1-1-1 sampling without CFG as its default (frame 0 included), plus ``step_distillation.json``. A
     release-layout folder keeps its own hybrid-mode DiT."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(teacher, tmp)
-    shutil.rmtree(tmp / DIT)
-    PyramidMMDiT.from_pretrained(dit_dir).to(stored_dtype(teacher / DIT)).save_pretrained(tmp / DIT)
-    config = PipelineConfig.load(tmp)
+    config = PipelineConfig.load(teacher)
     one_step = replace(config.modes["monolithic"], num_inference_steps=[1, 1, 1], video_num_inference_steps=[1, 1, 1],
                        guidance_scale=0.0, video_guidance_scale=0.0)
-    replace(config, default_mode="monolithic", modes={**config.modes, "monolithic": one_step}).save(tmp)
-    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    strip_machine_paths(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    config = replace(config, default_mode="monolithic", modes={**config.modes, "monolithic": one_step})
+    return copy_with_dit(teacher, PyramidMMDiT.from_pretrained(dit_dir), out, {RECORD_FILE: record}, pipeline=config)

@@ -22,7 +22,7 @@ from ..eval.judge import load_judge
 from ..eval.metrics import evaluate
 from ..eval.prompts import load_prompt_set
 from ..models.mmdit import PyramidMMDiT
-from ..pipelines.neodragon import SUBFOLDERS, NeodragonPipeline
+from ..pipelines.neodragon import SUBFOLDERS, NeodragonPipeline, PipelineConfig
 from ..presets import checkpoint_folder
 from ..training.flow_matching import FlowMatchingConfig, batch_flow_matching_loss, flow_matching_batches
 from ..training.latents import CaptionEncodings, LatentCache, PipelineConditioning, encode_latents
@@ -167,16 +167,27 @@ def apply_pruning(model: str | Path, drop: Sequence[int], out_dir: str | Path) -
     source = dit_checkpoint(model)
     dit = PyramidMMDiT.from_pretrained(source / DIT)
     kept = kept_blocks(dit.config.num_layers, drop)
-    pruned = prune_blocks(dit, drop).to(stored_dtype(source / DIT))
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=_without_dit_adapters(source))
-    shutil.rmtree(tmp / DIT)
-    pruned.save_pretrained(tmp / DIT)
     record = {"source": str(model), "source_layers": dit.config.num_layers, "dropped": sorted(set(drop)),
               "kept": kept, "recovery": []}
-    (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return copy_with_dit(source, prune_blocks(dit, drop), Path(out_dir), {PRUNING_FILE: record},
+                         ignore=_without_dit_adapters(source))
+
+
+def copy_with_dit(source: Path, dit: PyramidMMDiT, out: Path, records: dict[str, dict],
+                  ignore: Callable[[str, list[str]], list[str]] | None = None,
+                  pipeline: PipelineConfig | None = None) -> Path:
+    """``source`` copied to ``out`` with ``dit`` as its multistep DiT (in the dtype ``source`` stores it in), each of
+    ``records`` written as a JSON file and, if given, another ``pipeline`` config. It is built in a sibling ``.tmp``
+    folder and renamed at the end, so an interrupted write leaves no half-written checkpoint."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=ignore)
+    shutil.rmtree(tmp / DIT)
+    dit.to(stored_dtype(source / DIT)).save_pretrained(tmp / DIT)
+    for name, record in records.items():
+        (tmp / name).write_text(json.dumps(record, indent=1) + "\n")
+    if pipeline is not None:
+        pipeline.save(tmp)
     strip_machine_paths(tmp)
     if out.exists():
         shutil.rmtree(out)
@@ -260,15 +271,6 @@ def recover(config: TrainConfig, pruned: str | Path, stage: int, latents_dir: st
 
 
 def _export_recovered(pruned: Path, dit_dir: Path, out: Path, stage_record: dict) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(pruned, tmp)
-    shutil.rmtree(tmp / DIT)
-    PyramidMMDiT.from_pretrained(dit_dir).to(stored_dtype(pruned / DIT)).save_pretrained(tmp / DIT)
     record = read_pruning(pruned)
     record["recovery"] = [*record["recovery"], stage_record]
-    (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    strip_machine_paths(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    copy_with_dit(pruned, PyramidMMDiT.from_pretrained(dit_dir), out, {PRUNING_FILE: record})

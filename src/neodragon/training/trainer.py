@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import DistributedType, send_to_device, set_seed
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -104,6 +104,9 @@ class Trainer:
         self.optimizer, self.scheduler = prepared[len(modules)], prepared[len(modules) + 1]
         self.params = params
         # made after prepare(), on the parameters' device; diffusers' EMA warms its decay up as (1 + n) / (10 + n)
+        if config.ema_decay and self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("A weight average (--ema-decay) follows each process's parameters, which FSDP shards; "
+                             "train without it under FSDP, or average the saved checkpoints afterwards.")
         self.ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay else None
         self.batch_fn, self.loss_fn = batch_fn, loss_fn
         self.output_dir = Path(config.output_dir)
