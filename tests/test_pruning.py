@@ -110,6 +110,9 @@ def test_apply_writes_a_folder_that_loads_and_generates(pruned, tmp_path):
     assert result.exit_code != 0 and "--overwrite" in result.output
     result = runner.invoke(app, ["prune", "apply", "nano", "--drop", "5", "-o", str(tmp_path / "x")])
     assert result.exit_code != 0 and "must stay" in result.output
+    (tmp_path / "importance.json").write_text("{}")
+    result = runner.invoke(app, ["prune", "importance", "nano", "-o", str(tmp_path)])
+    assert result.exit_code != 0 and "--overwrite" in result.output
     result = runner.invoke(app, ["prune", "recover", "nano", "--stage", "1", "--latents", str(tmp_path),
                                  "-o", str(tmp_path / "run")])
     assert result.exit_code != 0 and "pruning.json" in result.output

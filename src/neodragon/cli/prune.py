@@ -32,11 +32,15 @@ def importance(model: str = typer.Argument("nano", help="A preset with bundled w
                prompt_set: str = typer.Option("nano-eval", "--prompt-set", help="VBench-nano prompt set scored for "
                                               "each single-block removal ('none' to skip)."),
                limit: int = typer.Option(None, "--limit", min=1, help="Only the first N prompts of --prompt-set."),
-               seed: int = SEED) -> None:
+               seed: int = SEED,
+               overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing importance.json.")
+               ) -> None:
     """Score each block of MODEL's multistep DiT: cosine importance of the visual and text tokens, and what removing
     it costs (held-out flow-matching loss, VBench-nano)."""
     from ..recipes.prune import importance_table, measure_importance
 
+    if (output / "importance.json").exists() and not overwrite:
+        fail(f"{output / 'importance.json'} exists; pass --overwrite to replace it.")
     try:
         result = measure_importance(model, output, prompts, samples, heldout_videos,
                                     None if prompt_set == "none" else prompt_set, limit, seed)
