@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from .errors import FriendlyGroup, check_new_output, check_weight_files, fail
-from .generate import local_checkpoint, parse_steps
+from .generate import DTYPES, local_checkpoint, parse_steps
 
 app = typer.Typer(cls=FriendlyGroup, add_completion=False, no_args_is_help=True)
 
@@ -57,6 +57,8 @@ def run(
     seed_offset: int = typer.Option(0, "--seed-offset", help="Added to every prompt's seed: rerun with another "
                                     "offset to see how far the scores move by chance."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16: the weights' and "
+                              "activations' precision while generating."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing result files."),
 ) -> None:
     """Generate every prompt of a prompt set with MODEL and score the videos with VBench-nano."""
@@ -73,12 +75,14 @@ def run(
         fail(f"--out is the results JSON (the table goes next to it as .md); got {out}")
     for path in (out, table_path):
         check_new_output(path, overwrite)
+    if dtype not in DTYPES:
+        fail(f"--dtype must be one of {', '.join(sorted(set(DTYPES)))}; got {dtype!r}")
     step_list, video_step_list = parse_steps(steps), parse_steps(video_steps, "--video-steps")
     check_weight_files(local_checkpoint(model))
     try:
         entries = load_prompt_set(prompt_set)[:limit]
         judge = load_judge(judge_path)
-        pipe = load_pipeline(model, mode=mode).to(device)
+        pipe = load_pipeline(model, mode=mode, torch_dtype=getattr(torch, DTYPES[dtype])).to(device)
     except (ValueError, FileNotFoundError, OSError) as err:
         fail(str(err))
     pipe.set_progress_bar_config(disable=True)
@@ -90,7 +94,7 @@ def run(
         return pipe(caption, generator=generator, output_type="pt", **call).frames[0]
 
     results = {"model": model, "prompt_set": prompt_set, "prompts": len(entries), **_provenance(),
-               "device": device, "mode": pipe.mode, "seed_offset": seed_offset,
+               "device": device, "dtype": DTYPES[dtype], "mode": pipe.mode, "seed_offset": seed_offset,
                "sampling": {k: v for k, v in call.items() if v is not None},
                "judge": str(judge_path) if judge_path else "bundled", **evaluate(generate, entries, judge)}
     with atomic_path(out, overwrite) as tmp:
