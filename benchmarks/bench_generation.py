@@ -87,12 +87,14 @@ def parameter_counts(pipe) -> dict[str, int]:
 
 
 def measure(model: str, repeats: int, threads: int, super_resolution: bool) -> dict:
-    """One model: load, one warm-up video, then ``repeats`` timed videos with the same prompt and seed."""
+    """One model: load, one warm-up video, then ``repeats`` timed videos with the same prompt and seed.
+    ``model`` may end in ``@bfloat16`` or ``@float16`` to load it in that dtype (default: as the pipeline loads)."""
     from neodragon.presets import load_pipeline
 
     torch.set_num_threads(threads)
+    model, _, dtype = model.partition("@")
     start = time.perf_counter()
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, torch_dtype=getattr(torch, dtype) if dtype else None)
     load_s = time.perf_counter() - start
     pipe.set_progress_bar_config(disable=True)
     clock = instrument(pipe)
@@ -173,7 +175,8 @@ def run_all(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["nano"], help="nano and/or checkpoint folders")
+    parser.add_argument("--models", nargs="+", default=["nano"],
+                        help="nano and/or checkpoint folders, each optionally MODEL@bfloat16 (or @float16)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--super-resolution", dest="sr", action="store_true")
