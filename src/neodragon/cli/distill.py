@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import FriendlyGroup
+from .errors import FriendlyGroup, fail
 from .train import BATCH, LR, MAX_MINUTES, OUTPUT, SAVE, SEED, STEPS, STYLES, train_config
 
 app = typer.Typer(cls=FriendlyGroup, no_args_is_help=True,
@@ -130,21 +130,17 @@ def steps(teacher: str = typer.Option(..., "--teacher", help="A checkpoint folde
           max_minutes: float = MAX_MINUTES) -> None:
     """Pyramidal DMD: a generator that crosses each pyramid stage in one step; writes final/ (the generator) and
     checkpoint/ (the teacher's folder with it, 1-1-1 without CFG by default)."""
-    from ..presets import checkpoint_folder
     from ..recipes.distill_steps import distill_steps
     from ..training.dmd import DMDConfig
 
-    folder = checkpoint_folder(teacher)
-    if folder is None:
-        raise typer.BadParameter(f"--teacher {teacher} is not a checkpoint folder or a preset with weights")
-    from ..pipelines.neodragon import PipelineConfig
-
-    defaults = PipelineConfig.load(folder).modes["monolithic"]
-    try:
+    try:  # the real score's CFG: the teacher's own
         dmd = DMDConfig(student_steps=student_steps, fake_updates=fake_updates, regression_weight=regression_weight,
-                        guidance_scale=defaults.guidance_scale, video_guidance_scale=defaults.video_guidance_scale)
+                        guidance_scale=None, video_guidance_scale=None)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
-    out = distill_steps(train_config(output, steps, batch_size, lr, save_every, seed, 50, max_minutes, ema_decay),
-                        teacher, latents, dmd)
+    try:
+        out = distill_steps(train_config(output, steps, batch_size, lr, save_every, seed, 50, max_minutes,
+                                         ema_decay), teacher, latents, dmd)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
     typer.echo(f"wrote {out}")

@@ -25,12 +25,15 @@ RECORD_FILE = "step_distillation.json"
 def distill_steps(config: TrainConfig, teacher: str | Path, latents_dir: str | Path | list[str | Path],
                   dmd: DMDConfig | None = None, objective: FlowMatchingConfig | None = None) -> Path:
     """Train the one-step-per-stage generator on cached latents (their captions are the prompts, their frames the
-    history and the regression targets); writes ``final/`` (the generator) and ``checkpoint/``. Without ``dmd``,
-    the real score's guidance is the teacher's own monolithic CFG scales."""
+    history and the regression targets); writes ``final/`` (the generator) and ``checkpoint/``. The real score's
+    guidance is the teacher's own monolithic CFG scales where ``dmd`` leaves it None (and without ``dmd``)."""
     folder = dit_checkpoint(teacher)
     pipe = monolithic_pipeline(folder)
     defaults = pipe.pipeline_config.modes["monolithic"]
-    dmd = dmd or DMDConfig(guidance_scale=defaults.guidance_scale, video_guidance_scale=defaults.video_guidance_scale)
+    dmd = dmd or DMDConfig(guidance_scale=None, video_guidance_scale=None)
+    dmd = replace(dmd, guidance_scale=defaults.guidance_scale if dmd.guidance_scale is None else dmd.guidance_scale,
+                  video_guidance_scale=defaults.video_guidance_scale if dmd.video_guidance_scale is None
+                  else dmd.video_guidance_scale)
     objective = replace(objective or FlowMatchingConfig(), text_dropout=0.0,
                         history_corruption=dmd.history_corruption)
     set_seed(config.seed)
@@ -38,7 +41,7 @@ def distill_steps(config: TrainConfig, teacher: str | Path, latents_dir: str | P
     cache = LatentCache(latents_dir).to(device)
     negative = pipe.pipeline_config.negative_prompt
     text = CaptionEncodings(PipelineConditioning(pipe.to(device)), cache.captions + [negative])
-    real_score = pipe.transformer.float().eval().requires_grad_(False)
+    real_score = pipe.transformer.eval().requires_grad_(False)  # fp32, as monolithic_pipeline loads it
     generator, fake_score = copy.deepcopy(real_score).train(), copy.deepcopy(real_score).train()
     for module in (generator, fake_score):
         module.requires_grad_(True)

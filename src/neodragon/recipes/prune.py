@@ -241,7 +241,7 @@ def recover(config: TrainConfig, pruned: str | Path, stage: int, latents_dir: st
     device = PartialState(cpu=cpu_only()).device
     cache = LatentCache(latents_dir).to(device)
     text = CaptionEncodings(PipelineConditioning(pipe.to(device)), cache.captions)
-    dit = pipe.transformer.float().train()
+    dit = pipe.transformer.train()
     batches = flow_matching_batches(cache, text, config, objective, pipe.scheduler.config.stages)
     if stage == 1:
         def loss_fn(batch: dict) -> dict:

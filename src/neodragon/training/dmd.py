@@ -38,8 +38,8 @@ class DMDConfig:
     student_steps: int = 4  # the generator's inputs: the points of a sampler with this many steps per stage
     fake_updates: int = 2  # fake-score updates per generator update
     regression_weight: float = 0.5  # the Cauchy regression to the ground-truth latent
-    guidance_scale: float = 5.0  # the real score's CFG on frame 0 (unit 0)
-    video_guidance_scale: float = 4.0  # and on later frames
+    guidance_scale: float | None = 5.0  # the real score's CFG on frame 0 (unit 0); None: the teacher's own
+    video_guidance_scale: float | None = 4.0  # and on later frames
     history_corruption: float = 1 / 3
 
     def __post_init__(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +36,15 @@ class BlockImportance:
     calls: int
 
 
-@dataclass
-class _Accumulator:
-    sums: list[float]
-    counts: list[float]
-    current_tokens: int = 0
-    text_mask: torch.Tensor | None = None
-    calls: int = 0
+class _BlockMeans:
+    """A running weighted mean per block."""
 
-    def add(self, index: int, distance: torch.Tensor, weights: torch.Tensor) -> None:
-        self.sums[index] += float((distance * weights).sum())
+    def __init__(self, blocks: int):
+        self.sums, self.counts = [0.0] * blocks, [0.0] * blocks
+
+    def add(self, index: int, values: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        weights = torch.ones_like(values) if weights is None else weights
+        self.sums[index] += float((values * weights).sum())
         self.counts[index] += float(weights.sum())
 
     def means(self) -> list[float | None]:
@@ -61,8 +60,8 @@ def importance_probe(dit: PyramidMMDiT) -> Iterator[Callable[[], BlockImportance
     """Hooks that score every block of ``dit`` on each forward made inside the block; yields a function that
     returns the scores so far. Only the current clip's visual tokens count (the history's are context the output
     never reads), and only the real text tokens (padding is masked out)."""
-    blocks = len(dit.transformer_blocks)
-    visual, text = _Accumulator([0.0] * blocks, [0.0] * blocks), _Accumulator([0.0] * blocks, [0.0] * blocks)
+    visual, text = _BlockMeans(len(dit.transformer_blocks)), _BlockMeans(len(dit.transformer_blocks))
+    call = {"current_tokens": 0, "text_mask": None, "count": 0}  # what the DiT call being run feeds its blocks
 
     def before_dit(module: nn.Module, args: tuple, kwargs: dict) -> None:
         stages = args[0] if args else kwargs["sample"]
@@ -70,25 +69,24 @@ def importance_probe(dit: PyramidMMDiT) -> Iterator[Callable[[], BlockImportance
             raise ValueError("Block importance reads one pyramid stage per DiT call (the sampler's calls).")
         clips = stages[0] if isinstance(stages[0], (list, tuple)) else [stages[0]]
         current, patch = clips[-1], dit.config.patch_size
-        visual.current_tokens = current.shape[2] * (current.shape[-2] // patch) * (current.shape[-1] // patch)
-        text.text_mask = (args[2] if len(args) > 2 else kwargs["encoder_attention_mask"]).float()
-        visual.calls += 1
+        call["current_tokens"] = current.shape[2] * (current.shape[-2] // patch) * (current.shape[-1] // patch)
+        call["text_mask"] = (args[2] if len(args) > 2 else kwargs["encoder_attention_mask"]).float()
+        call["count"] += 1
 
     def after_block(index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: tuple) -> None:
             hidden_in, context_in = args[0], args[1]
             hidden_out, context_out = output
-            n = visual.current_tokens
-            distance = _cosine_distance(hidden_in[:, -n:], hidden_out[:, -n:])
-            visual.add(index, distance, torch.ones_like(distance))
+            n = call["current_tokens"]
+            visual.add(index, _cosine_distance(hidden_in[:, -n:], hidden_out[:, -n:]))
             if context_out is not None:
-                text.add(index, _cosine_distance(context_in, context_out), text.text_mask.to(context_in.device))
+                text.add(index, _cosine_distance(context_in, context_out), call["text_mask"].to(context_in.device))
         return hook
 
     handles = [dit.register_forward_pre_hook(before_dit, with_kwargs=True)]
     handles += [block.register_forward_hook(after_block(i)) for i, block in enumerate(dit.transformer_blocks)]
     try:
-        yield lambda: BlockImportance(visual=visual.means(), text=text.means(), calls=visual.calls)
+        yield lambda: BlockImportance(visual=visual.means(), text=text.means(), calls=call["count"])
     finally:
         for handle in handles:
             handle.remove()
@@ -139,7 +137,6 @@ class HeldOutDraws:
     batch_size: int = 32
     seed: int = 0
     history_corruption: float = 0.0  # the sampler's history is clean
-    units: list[int] = field(default_factory=list)  # empty: all
 
     @torch.no_grad()
     def loss(self, dit: nn.Module, scheduler: PyramidFlowMatchScheduler) -> float:
@@ -149,7 +146,7 @@ class HeldOutDraws:
         for start in range(0, len(self.cache), self.batch_size):
             latents, captions = self.cache.batch(range(start, min(start + self.batch_size, len(self.cache))))
             enc = self.text.encode(captions)
-            for unit in self.units or range(num_units):
+            for unit in range(num_units):
                 for stage in range(scheduler.config.stages):
                     draw = ((self.seed * 1_000_003 + start) * 101 + unit) * 11 + stage
                     generator = torch.Generator().manual_seed(draw)
