@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from ..utils.checkpoint import PACKAGED_MODELS, packaged_model_dir
-from .text import TextEncoding, token_counts
+from .text import TextEncoding, token_counts, tokenize_prompts
 
 CONFIG_NAME = "sentence_encoder.json"
 
@@ -73,18 +73,25 @@ class SentenceTextEncoder(nn.Module):
         """Untruncated length of each prompt's tokens (``encode`` keeps the first ``max_sequence_length``)."""
         return token_counts(self.tokenizer, prompts)
 
-    @torch.no_grad()
-    def encode(self, prompts: str | Sequence[str]) -> TextEncoding:
-        """Token states ``[B, L, D]`` (padded to ``max_sequence_length``), mask, mean-pooled vector ``[B, D]``."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length,
-                               truncation=True, return_tensors="pt")
+    def tokenize(self, prompts: str | Sequence[str]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Token ids padded to ``max_sequence_length`` with their mask (no pooled encoders: ``pooled_ids`` is
+        empty)."""
+        return tokenize_prompts([], self.tokenizer, self.max_sequence_length, prompts)
+
+    def forward(self, pooled_ids: Sequence[torch.Tensor], input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> TextEncoding:
+        """Token states ``[B, L, D]``, mask, mean-pooled vector ``[B, D]`` of tokenized prompts."""
         device = next(self.model.parameters()).device
-        mask = batch.attention_mask.to(device=device, dtype=torch.long)
-        tokens = self.model(input_ids=batch.input_ids.to(device), attention_mask=mask).last_hidden_state
+        mask = attention_mask.to(device=device, dtype=torch.long)
+        tokens = self.model(input_ids=input_ids.to(device), attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(tokens.dtype)
         pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
         return TextEncoding(tokens=tokens, mask=mask, pooled=pooled)
+
+    @torch.no_grad()
+    def encode(self, prompts: str | Sequence[str]) -> TextEncoding:
+        """Encode prompts (``tokenize``, then ``forward``)."""
+        return self(**self.tokenize(prompts))
 
 
 def is_sentence_encoder_folder(root: str | Path, subfolder: str = "text_encoder") -> bool:

@@ -205,6 +205,19 @@ def token_counts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> 
     return [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False).input_ids]
 
 
+def tokenize_prompts(pooled_tokenizers: Sequence[PreTrainedTokenizerBase], token_tokenizer: PreTrainedTokenizerBase,
+                     max_sequence_length: int, prompts: str | Sequence[str]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Token ids of a text stack: each pooled (CLIP) tokenizer's padded to its ``model_max_length``, the token
+    stream's to ``max_sequence_length`` with its attention mask (shared by the PyTorch and the ONNX text stacks)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    pooled_ids = [tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+                  for tokenizer in pooled_tokenizers]
+    batch = token_tokenizer(prompts, padding="max_length", max_length=max_sequence_length,
+                            truncation=True, add_special_tokens=True, return_tensors="pt")
+    return {"pooled_ids": pooled_ids, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+
+
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -250,15 +263,8 @@ class TextEncoderBundle(nn.Module):
         return token_counts(self.token_tokenizer, prompts)
 
     def tokenize(self, prompts: str | Sequence[str]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """Token ids as §6.1: each CLIP's padded to its ``model_max_length``, DT5's to ``max_sequence_length`` (with
-        its attention mask)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        pooled_ids = [tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids
-                      for tokenizer in self.pooled_tokenizers]
-        batch = self.token_tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length,
-                                     truncation=True, add_special_tokens=True, return_tensors="pt")
-        return {"pooled_ids": pooled_ids, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        """Token ids as §6.1 (``tokenize_prompts``)."""
+        return tokenize_prompts(self.pooled_tokenizers, self.token_tokenizer, self.max_sequence_length, prompts)
 
     def forward(self, pooled_ids: Sequence[torch.Tensor], input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> TextEncoding:

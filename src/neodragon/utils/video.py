@@ -1,9 +1,10 @@
-"""Writing videos and previews atomically: a temporary file in the target folder, then a rename."""
+"""Writing videos, previews and folders atomically: a temporary file (or folder) beside the target, then a rename."""
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,24 @@ def atomic_path(path: str | Path, overwrite: bool = False):
         if os.path.exists(tmp):
             os.unlink(tmp)
 
+
+
+@contextmanager
+def atomic_folder(path: str | Path, overwrite: bool = False):
+    """Yield an empty sibling folder ``<name>.tmp`` to fill; it replaces ``path`` only on success (an interrupted
+    write leaves no half-written folder)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) or choose another folder.")
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 def export_to_video(frames: list[Image.Image], path: str | Path, fps: int = 24, overwrite: bool = False) -> Path:
     """Encode frames as an H.264 mp4 (yuv420p, playable everywhere)."""

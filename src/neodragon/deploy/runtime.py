@@ -1,0 +1,187 @@
+"""Generation from exported graphs: ONNX Runtime sessions behind the interfaces ``NeodragonPipeline`` calls.
+
+The pipeline's own sampling loop runs unchanged (noise, scheduler, CFG, history pyramids), so a seed gives the same
+video as with PyTorch up to the graphs' numerics; only the networks are replaced.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.models.autoencoders.vae import DecoderOutput
+from transformers import AutoTokenizer
+
+from ..models.text import TextEncoding, token_counts, tokenize_prompts
+from ..models.vae import AsymmetricCausalVideoVAE
+from ..pipelines.neodragon import NeodragonPipeline, PipelineConfig
+from ..schedulers import PyramidFlowMatchScheduler
+from .export import GraphSpec, Manifest
+
+
+def session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session (``threads``: intra-op threads; None lets ONNX Runtime choose)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers would drown the output
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModule:
+    """What the pipeline needs of a component besides its call: CPU, float32 I/O, no-op ``to``."""
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def to(self, *args, **kwargs) -> OnnxModule:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, (str, torch.device)) and torch.device(value).type != "cpu":
+                raise ValueError("The onnxruntime backend runs on the CPU; leave out --device.")
+            if isinstance(value, torch.dtype) and value != torch.float32:
+                raise ValueError("The onnxruntime backend runs the graphs in the precision they were exported or "
+                                 "quantised in; leave out --dtype.")
+        return self
+
+
+class OnnxGraph:
+    """One graph and its manifest entry. Graphs have batch 1, so a batch runs one row at a time."""
+
+    def __init__(self, folder: Path, spec: GraphSpec, threads: int | None = None):
+        path = folder / spec.file
+        if not path.is_file():
+            raise FileNotFoundError(f"Graph {spec.file} listed in {folder / 'manifest.json'} is missing; re-export "
+                                    "the model (`neodragon deploy export`).")
+        self.spec, self.session = spec, session(path, threads)
+        declared = {t.name: t.shape for t in spec.inputs}
+        actual = {i.name: list(i.shape) for i in self.session.get_inputs()}
+        if declared != actual:
+            raise ValueError(f"{spec.file} does not match its manifest entry (graph inputs {actual}, manifest "
+                             f"{declared}); the folder was edited by hand or mixes two exports. Re-export it.")
+        self.recorder: list[dict[str, np.ndarray]] | None = None  # set to a list to keep every feed (calibration)
+
+    def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        batch = next(iter(inputs.values())).shape[0]
+        rows = [self.run_row({name: value[row : row + 1] for name, value in inputs.items()}) for row in range(batch)]
+        return [torch.cat(outputs) for outputs in zip(*rows, strict=True)]
+
+    def run_row(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        feeds = {}
+        for tensor_spec in self.spec.inputs:
+            value = inputs[tensor_spec.name].detach().cpu().numpy().astype(tensor_spec.dtype)
+            if list(value.shape) != tensor_spec.shape:
+                raise ValueError(f"Graph {self.spec.name} takes {tensor_spec.name} of shape {tensor_spec.shape}, got "
+                                 f"{list(value.shape)}: the folder was exported for another video size. Re-export "
+                                 "with that size (--num-frames/--height/--width) or generate at the exported one.")
+            feeds[tensor_spec.name] = value
+        if self.recorder is not None:
+            self.recorder.append(feeds)
+        return [torch.from_numpy(out) for out in self.session.run(None, feeds)]
+
+
+class OnnxTextEncoder(OnnxModule):
+    """The text stack: tokenizers from the folder, the encoder from its graph."""
+
+    def __init__(self, folder: Path, graph: OnnxGraph):
+        settings = json.loads((folder / "tokenizers" / "text.json").read_text())
+        self.graph, self.max_sequence_length = graph, settings["max_sequence_length"]
+        self.pooled_tokenizers = [AutoTokenizer.from_pretrained(folder / "tokenizers" / f"pooled_{i}")
+                                  for i in range(settings["pooled_tokenizers"])]
+        self.token_tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizers" / "tokens")
+
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        return token_counts(self.token_tokenizer, prompts)
+
+    def encode(self, prompts: str | list[str]) -> TextEncoding:
+        ids = tokenize_prompts(self.pooled_tokenizers, self.token_tokenizer, self.max_sequence_length, prompts)
+        pooled = {f"pooled_ids_{i}": value for i, value in enumerate(ids["pooled_ids"])}
+        tokens, pooled_vector = self.graph(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], **pooled)
+        return TextEncoding(tokens=tokens, mask=ids["attention_mask"].long(), pooled=pooled_vector)
+
+
+class OnnxContextAdapter(OnnxModule):
+    def __init__(self, graph: OnnxGraph):
+        self.graph = graph
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.graph(tokens=tokens)[0]
+
+
+class OnnxTransformer(OnnxModule):
+    """The DiT: each call picks the graph exported for its clips' shapes (its stage and history)."""
+
+    def __init__(self, config: dict, graphs: list[OnnxGraph]):
+        self.config = FrozenDict(config)
+        self.graphs = {self._key(g.spec.inputs[4:]): g for g in graphs}
+
+    @staticmethod
+    def _key(clips) -> tuple:
+        return tuple(tuple(clip.shape[2:]) for clip in clips)
+
+    def __call__(self, sample, encoder_hidden_states, encoder_attention_mask, pooled_projections, timestep_ratio):
+        if len(sample) != 1:
+            raise ValueError("The exported DiT runs one stage per call.")
+        clips = list(sample[0])
+        graph = self.graphs.get(self._key(clips))
+        if graph is None:
+            raise ValueError(f"No exported DiT graph for clips of shapes {[list(c.shape) for c in clips]}: the folder "
+                             "was exported for another video size or mode. Re-export for this one.")
+        timestep = torch.as_tensor(timestep_ratio, dtype=torch.float32).expand(clips[-1].shape[0])
+        feeds = {"context": encoder_hidden_states, "mask": encoder_attention_mask, "pooled": pooled_projections,
+                 "timestep": timestep, **{f"clip_{i}": clip for i, clip in enumerate(clips)}}
+        return graph(**feeds)
+
+
+class OnnxVAE(OnnxModule):
+    """The VAE decoder graph with the VAE config (latent constants, scales)."""
+
+    denormalize_latents = AsymmetricCausalVideoVAE.denormalize_latents
+    normalize_latents = AsymmetricCausalVideoVAE.normalize_latents
+
+    def __init__(self, config: dict, graph: OnnxGraph):
+        self.config, self.graph = FrozenDict(config), graph
+
+    def decode(self, z: torch.Tensor) -> DecoderOutput:
+        return DecoderOutput(sample=self.graph(latents=z)[0])
+
+
+class OnnxSuperResolution(OnnxModule):
+    def __init__(self, graph: OnnxGraph):
+        self.graph = graph
+
+    def upscale_video(self, video: torch.Tensor, frames_per_call: int = 16) -> torch.Tensor:
+        """The whole video in one call per batch row (the graph's fixed shape); ``frames_per_call`` is ignored."""
+        return self.graph(video=video)[0]
+
+
+def load_onnx_pipeline(folder: str | Path, threads: int | None = None) -> NeodragonPipeline:
+    """A ``NeodragonPipeline`` whose networks are the exported (fp32 or quantised) graphs of ``folder``."""
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    graphs = {name: OnnxGraph(folder, spec, threads) for name, spec in manifest.graphs.items()}
+
+    def component(name: str) -> list[OnnxGraph]:
+        return [g for g in graphs.values() if g.spec.component == name]
+
+    configs = {name: json.loads((folder / "configs" / f"{name}.json").read_text()) for name in ("transformer", "vae")}
+    adapter = component("context_adapter")
+    sr = component("super_resolution")
+    pipe = NeodragonPipeline(
+        text_encoder=OnnxTextEncoder(folder, component("text_encoder")[0]),
+        context_adapter=OnnxContextAdapter(adapter[0]) if adapter else None,
+        transformer=OnnxTransformer(configs["transformer"], component("transformer")),
+        vae=OnnxVAE(configs["vae"], component("vae_decoder")[0]),
+        scheduler=PyramidFlowMatchScheduler.from_pretrained(folder / "scheduler"),
+        mode=manifest.mode, super_resolution=OnnxSuperResolution(sr[0]) if sr else None,
+        pipeline_config=PipelineConfig.load(folder))
+    pipe.manifest = manifest
+    return pipe
+
+
+def is_exported_folder(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
