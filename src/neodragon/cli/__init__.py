@@ -1,6 +1,6 @@
 """The ``neodragon`` command line: ``generate`` a video, ``info`` about a model, and the command groups ``train``,
-``distill``, ``prune``, ``data``, ``eval`` and ``adapter``. Each group is a module of this package; every command
-imports torch and the library inside its body, so that ``--help`` answers at once."""
+``distill``, ``prune``, ``deploy``, ``data``, ``eval`` and ``adapter``. Each group is a module of this package;
+every command imports torch and the library inside its body, so that ``--help`` answers at once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import typer
 
 from .adapter import app as adapter_app
 from .data import app as data_app
+from .deploy import app as deploy_app
 from .distill import app as distill_app
 from .errors import FriendlyGroup
 from .eval import app as eval_app
@@ -25,6 +26,7 @@ app.add_typer(distill_app, name="distill")
 app.add_typer(prune_app, name="prune")
 app.add_typer(data_app, name="data", help="ShapesWorld, the nano world: previews of its captioned videos.")
 app.add_typer(adapter_app, name="adapter", help="SHiRA and FouRA adapters: train, inspect, convert, fuse, export.")
+app.add_typer(deploy_app, name="deploy")
 app.add_typer(eval_app, name="eval", help="VBench-nano: score a model with the bundled judge; train the judge.")
 
 __all__ = ["app"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from .errors import FriendlyGroup, check_new_output, check_weight_files, fail
-from .generate import DTYPES, local_checkpoint, parse_steps
+from .generate import DTYPES, load_model, local_checkpoint, parse_steps
 
 app = typer.Typer(cls=FriendlyGroup, add_completion=False, no_args_is_help=True)
 
@@ -59,6 +59,8 @@ def run(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16: the weights' and "
                               "activations' precision while generating."),
+    backend: str = typer.Option("pytorch", "--backend", help="pytorch, or onnxruntime for an exported folder "
+                                "(`neodragon deploy export` / `deploy quantize`)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing result files."),
 ) -> None:
     """Generate every prompt of a prompt set with MODEL and score the videos with VBench-nano."""
@@ -67,7 +69,6 @@ def run(
     from ..eval.judge import load_judge
     from ..eval.metrics import evaluate, markdown_table
     from ..eval.prompts import load_prompt_set
-    from ..presets import load_pipeline
     from ..utils.video import atomic_path
 
     table_path = out.with_suffix(".md")
@@ -82,7 +83,7 @@ def run(
     try:
         entries = load_prompt_set(prompt_set)[:limit]
         judge = load_judge(judge_path)
-        pipe = load_pipeline(model, mode=mode, torch_dtype=getattr(torch, DTYPES[dtype])).to(device)
+        pipe = load_model(model, mode, dtype, device, backend)
     except (ValueError, FileNotFoundError, OSError) as err:
         fail(str(err))
     pipe.set_progress_bar_config(disable=True)
@@ -94,7 +95,8 @@ def run(
         return pipe(caption, generator=generator, output_type="pt", **call).frames[0]
 
     results = {"model": model, "prompt_set": prompt_set, "prompts": len(entries), **_provenance(),
-               "device": device, "dtype": DTYPES[dtype], "mode": pipe.mode, "seed_offset": seed_offset,
+               "device": device, "dtype": DTYPES[dtype], "backend": backend, "mode": pipe.mode,
+               "seed_offset": seed_offset,
                "sampling": {k: v for k, v in call.items() if v is not None},
                "judge": str(judge_path) if judge_path else "bundled", **evaluate(generate, entries, judge)}
     with atomic_path(out, overwrite) as tmp:

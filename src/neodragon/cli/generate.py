@@ -114,6 +114,8 @@ def generate(
     preview: Path = typer.Option(None, "--preview", help="Also write a contact sheet (.png) or animation (.gif)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (with --prompts-file: "
                                    "remake the videos already there instead of skipping them)."),
+    backend: str = typer.Option("pytorch", "--backend", help="pytorch, or onnxruntime for a folder from `neodragon "
+                                "deploy export` / `deploy quantize` (its fp32 or W8A16 graphs, on the CPU)."),
     adapter: list[str] = typer.Option(None, "--adapter", metavar="FOLDER|NAME",
                                       help="A trained adapter folder (the final/ of `neodragon adapter train`) or "
                                       "the name of one the model ships (`neodragon info`); repeat to apply several "
@@ -139,7 +141,7 @@ def generate(
         jobs = _read_jobs(prompts_file, folder, seed)
         check_weight_files(local_checkpoint(model))
         _generate_batch(jobs, prompts_file, folder, settings, fps, overwrite, started,
-                        lambda ranks: _load_pipeline(model, mode, dtype, adapter, ranks.device(device)))
+                        lambda ranks: load_model(model, mode, dtype, ranks.device(device), backend, adapter))
         return
     if prompt is None:
         fail("Missing argument 'PROMPT': give a prompt, e.g. 'a red circle moving to the right', or --prompts-file "
@@ -166,7 +168,7 @@ def generate(
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = show_warnings  # restored when the block ends
-        pipe = _load_pipeline(model, mode, dtype, adapter, device)
+        pipe = load_model(model, mode, dtype, device, backend, adapter)
         sr = use_super_resolution(pipe, sr)
         generation_started = time.perf_counter()
         frames = pipe(
@@ -197,16 +199,39 @@ def use_super_resolution(pipe: NeodragonPipeline, sr: bool | None) -> bool:
     return pipe.super_resolution is not None if sr is None else sr
 
 
-def _load_pipeline(model: str, mode: str | None, dtype: str, adapters: list[str] | None,
-                   device: str) -> NeodragonPipeline:
+def load_model(model: str, mode: str | None, dtype: str, device: str, backend: str = "pytorch",
+               adapters: list[str] | None = None) -> NeodragonPipeline:
+    """The pipeline of ``model`` on ``backend``; ends the command with a clear message on a bad combination."""
     import torch
 
+    from ..deploy.runtime import is_exported_folder
     from ..presets import load_pipeline
 
-    pipe = load_pipeline(model, mode=mode, torch_dtype=getattr(torch, DTYPES[dtype]))
-    if adapters:
-        _attach_adapters(pipe, model, adapters)
-    return pipe.to(device)
+    if backend not in ("pytorch", "onnxruntime"):
+        fail(f"--backend must be pytorch or onnxruntime; got {backend!r}.")
+    exported = is_exported_folder(model)
+    if backend == "pytorch" and exported:
+        fail(f"{model} holds exported ONNX graphs (manifest.json); run it with --backend onnxruntime.")
+    if backend == "pytorch":
+        pipe = load_pipeline(model, mode=mode, torch_dtype=getattr(torch, DTYPES[dtype]))
+        if adapters:
+            _attach_adapters(pipe, model, adapters)
+        return pipe.to(device)
+    if not exported:
+        fail(f"--backend onnxruntime runs a folder from `neodragon deploy export` (with manifest.json); {model} is "
+             f"not one. Export it first: neodragon deploy export {model} -o DIR.")
+    if adapters or device != "cpu" or DTYPES[dtype] != "float32":
+        fail("--backend onnxruntime runs the exported graphs as they are, on the CPU: leave out --adapter (fuse "
+             "adapters before exporting), --device and --dtype.")
+    from ..deploy.runtime import load_onnx_pipeline
+
+    try:
+        pipe = load_onnx_pipeline(model)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    if mode is not None and mode != pipe.mode:
+        fail(f"{model} was exported in {pipe.mode} mode; leave out --mode {mode} or export that mode.")
+    return pipe
 
 
 def _check_batch_flags(output: Path | None, preview: Path | None, dtype: str) -> None:

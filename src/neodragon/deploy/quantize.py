@@ -39,6 +39,23 @@ MASK_VALUE = 1e4  # a constant at least this large in a Where feeding an attenti
 Feeds = list[dict[str, np.ndarray]]
 
 
+def calibration_prompt_set(count: int, seed: int = 0) -> list[str]:
+    """The documented calibration set: ``count`` prompts from ShapesWorld's caption grammar (every split, style and
+    phrasing; ``distillation_prompts`` with seed ``seed + 1``), never a prompt of nano-eval or nano-heldout."""
+    from ..eval.prompts import load_prompt_set
+    from ..training.text_distillation import distillation_prompts
+
+    exclude = [e.caption for name in ("nano-eval", "nano-heldout") for e in load_prompt_set(name)]
+    return distillation_prompts(count, seed=seed + 1, exclude=exclude)
+
+
+def heldout_prompt_set(count: int) -> list[str]:
+    """The first ``count`` prompts of nano-eval (disjoint from the calibration set) for the SQNR."""
+    from ..eval.prompts import load_prompt_set
+
+    return [e.caption for e in load_prompt_set("nano-eval")[:count]]
+
+
 def record_feeds(folder: str | Path, prompts: Sequence[str], seed: int = 0, max_feeds: int | None = None,
                  threads: int | None = None) -> dict[str, Feeds]:
     """The inputs each graph of ``folder`` receives while generating ``prompts`` (seed ``seed + i``), with SR when
@@ -300,4 +317,5 @@ def _paper(row: dict) -> str:
     return "–" if paper is None else f"{paper:.0f}"
 
 
-__all__ = ["quantize_folder", "quantize_graph", "record_feeds", "sensitivity", "sqnr_db", "mask_nodes"]
+__all__ = ["calibration_prompt_set", "heldout_prompt_set", "quantize_folder", "quantize_graph", "record_feeds",
+           "sensitivity", "sqnr_db", "mask_nodes"]

@@ -206,7 +206,8 @@ def token_counts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> 
 
 
 def tokenize_prompts(pooled_tokenizers: Sequence[PreTrainedTokenizerBase], token_tokenizer: PreTrainedTokenizerBase,
-                     max_sequence_length: int, prompts: str | Sequence[str]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+                     max_sequence_length: int,
+                     prompts: str | Sequence[str]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
     """Token ids of a text stack: each pooled (CLIP) tokenizer's padded to its ``model_max_length``, the token
     stream's to ``max_sequence_length`` with its attention mask (shared by the PyTorch and the ONNX text stacks)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
