@@ -14,10 +14,12 @@ and per-layer sensitivity (the paper's §4.2, with ONNX Runtime in place of AIME
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -126,11 +128,23 @@ def quantize_graph(source: Path, target: Path, calibration: Feeds, float_nodes: 
 
     keep = list(dict.fromkeys([*mask_nodes(onnx.load(source, load_external_data=False)), *float_nodes]))
     large = source.with_suffix(".onnx.data").exists()
-    quantize_static(source, target, _Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt16, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
-                    use_external_data_format=large,
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    with _quiet_root_logger():  # one warning per 1-D weight (no channel axis: per-tensor scale) and call
+            quantize_static(source, target, _Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt16, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+                        use_external_data_format=large,
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
     return keep
+
+
+@contextmanager
+def _quiet_root_logger():
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def fp16_graph(source: Path, target: Path) -> None:
@@ -218,13 +232,24 @@ def _size(path: Path) -> int:
 
 def sensitivity(float_graph: Path, quantised_graph: Path, feeds: Feeds, threads: int | None = None,
                 top: int = 20) -> dict:
-    """Per-layer sensitivity of a quantised graph (ONNX Runtime's QDQ debugging tools): for every quantised
-    activation, the SQNR of quantising it alone (``qdq_db``: its own 16-bit grid) and the SQNR it has in the
-    quantised graph against the float graph (``xmodel_db``: error accumulated up to there); for every weight, the
-    SQNR of its 8-bit per-channel copy. The ``top`` lowest of each, with the node that produces the tensor."""
+    """Per-layer sensitivity of a quantised graph, on ``feeds``.
+
+    - activations (ONNX Runtime's QDQ debugging tools): for every quantised activation, the SQNR of its own 16-bit
+      grid (``qdq_db``) and the SQNR it has inside the quantised graph against the float graph (``xmodel_db``:
+      the error accumulated up to there);
+    - weights: for every 8-bit weight, its own SQNR (``weight_db``) and the graph output's SQNR when only that
+      weight is 8-bit and everything else float (``output_db``), with the nodes that read it.
+
+    The ``top`` lowest of each, sorted by ``qdq_db`` and ``output_db``.
+    """
+    return {"graph": float_graph.stem, "feeds": len(feeds),
+            "activations": activation_errors(float_graph, quantised_graph, feeds)[:top],
+            "weights": weight_sensitivity(float_graph, quantised_graph, feeds, threads)[:top]}
+
+
+def activation_errors(float_graph: Path, quantised_graph: Path, feeds: Feeds) -> list[dict]:
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
-        compute_activation_error,
         create_activation_matching,
         modify_model_output_intermediate_tensors,
     )
@@ -238,39 +263,80 @@ def sensitivity(float_graph: Path, quantised_graph: Path, feeds: Feeds, threads:
             activations[kind] = collect_activations(str(augmented), _Reader(feeds),
                                                     execution_providers=["CPUExecutionProvider"])
     matched = create_activation_matching(activations["qdq"], activations["float"])
-    errors = compute_activation_error(matched)
-    layers = sorted(({"tensor": t, "node": producers.get(t, t), "qdq_db": float(e["qdq_err"]),
-                      "xmodel_db": float(e.get("xmodel_err", math.nan))} for t, e in errors.items()),
-                    key=lambda r: r["qdq_db"])
-    weights = sorted(weight_errors(float_graph, quantised_graph), key=lambda r: r["sqnr_db"])
-    return {"graph": float_graph.stem, "feeds": len(feeds), "activations": layers[:top], "weights": weights[:top],
-            "activations_measured": len(layers), "weights_measured": len(weights)}
+    return sorted(({"tensor": t, "node": producers.get(t, t), "qdq_db": sqnr_db(m["pre_qdq"], m["post_qdq"]),
+                    "xmodel_db": sqnr_db(m["float"], m["post_qdq"]) if "float" in m else math.nan}
+                   for t, m in matched.items() if any(np.any(x) for x in m["pre_qdq"])),  # all-zero: no SQNR
+                  key=lambda r: r["qdq_db"])
 
 
-def weight_errors(float_graph: Path, quantised_graph: Path) -> list[dict]:
-    """SQNR of every 8-bit weight of a QDQ graph against its float original (per-channel dequantisation)."""
-    floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(float_graph).graph.initializer}
+def weight_sensitivity(float_graph: Path, quantised_graph: Path, feeds: Feeds,
+                       threads: int | None = None) -> list[dict]:
+    """The graph output's SQNR with one weight at a time replaced by its 8-bit copy (lowest first)."""
+    import onnxruntime as ort
+
+    model = onnx.load(float_graph)
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    modules = _module_names(model)
+    reference_session = session(float_graph, threads)
+    reference = [reference_session.run(None, f)[0] for f in feeds]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    rows = []
+    for name, dequantised in dequantised_weights(quantised_graph).items():
+        index = next((i for i, init in enumerate(model.graph.initializer) if init.name == name), None)
+        if index is None:
+            continue
+        original = model.graph.initializer[index]
+        weight = numpy_helper.to_array(original)
+        model.graph.initializer[index].CopyFrom(numpy_helper.from_array(dequantised.astype(weight.dtype), name))
+        trial = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        model.graph.initializer[index].CopyFrom(numpy_helper.from_array(weight, name))
+        nodes = readers.get(name, [])
+        module = ", ".join(dict.fromkeys(modules.get(n, n) for n in nodes))
+        rows.append({"weight": name, "nodes": nodes, "module": module,
+                     "weight_db": sqnr_db([weight], [dequantised]),
+                     "output_db": sqnr_db(reference, [trial.run(None, f)[0] for f in feeds])})
+    return sorted(rows, key=lambda r: r["output_db"])
+
+
+def _module_names(model: onnx.ModelProto) -> dict[str, str]:
+    """The PyTorch module each node came from (torch.onnx records its name scopes), e.g. transformer.proj_out."""
+    names = {}
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if scopes:
+            parts = [part.strip(" '") for part in scopes.strip("[]").split(",")]
+            names[node.name] = parts[-2] if len(parts) > 1 else parts[-1]
+    return names
+
+
+def dequantised_weights(quantised_graph: Path) -> dict[str, np.ndarray]:
+    """Every 8-bit weight of a QDQ graph, dequantised (per channel), under its float name."""
     model = onnx.load(quantised_graph)
     stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    rows = []
+    weights = {}
     for node in model.graph.node:
-        name = node.input[0].removesuffix("_quantized")
-        if node.op_type != "DequantizeLinear" or node.input[0] not in stored or name not in floats:
+        if node.op_type != "DequantizeLinear" or stored.get(node.input[0], np.empty(0)).dtype != np.int8:
             continue
         values = stored[node.input[0]].astype(np.float64)
         scale = stored[node.input[1]].astype(np.float64)
         zero = stored[node.input[2]].astype(np.float64) if len(node.input) > 2 else 0.0
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         shape = [-1 if d == axis % values.ndim else 1 for d in range(values.ndim)] if scale.ndim else []
-        dequantised = (values - np.reshape(zero, shape)) * np.reshape(scale, shape)
-        rows.append({"weight": name, "sqnr_db": sqnr_db([floats[name]], [dequantised])})
-    return rows
+        name = node.input[0].removesuffix("_quantized")
+        weights[name] = (values - np.reshape(zero, shape)) * np.reshape(scale, shape)
+    return weights
 
 
 def _lift(source: Path, target: Path, spec: GraphSpec, report: dict, calibration: Feeds, heldout: Feeds, count: int,
           threads: int | None) -> dict:
-    """Re-quantise ``spec`` with the producers of its ``count`` most sensitive activations kept in float."""
-    nodes = [row["node"] for row in report["sensitivity"]["activations"][:count]]
+    """Re-quantise ``spec`` with the nodes reading its ``count`` most sensitive weights kept in float."""
+    nodes = list(dict.fromkeys(n for row in report["sensitivity"]["weights"][:count] for n in row["nodes"]))
     before = report["graphs"][spec.name]["sqnr_db"]
     trial = target / spec.file.replace(".onnx", ".lift.onnx")
     kept = quantize_graph(source / spec.file, trial, calibration, nodes)
@@ -295,22 +361,26 @@ def sqnr_table(report: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, row in report["graphs"].items():
         lines.append(f"| {name} | {row['precision']} | {row['float_nodes']} | {row['sqnr_db']:.1f} | "
-                     f"{_paper(row)} | {row['bytes_fp32'] / 1024:.0f} | {row['bytes'] / 1024:.0f} |")
+                     f"{paper_sqnr(row)} | {row['bytes_fp32'] / 1024:.0f} | {row['bytes'] / 1024:.0f} |")
     sens = report["sensitivity"]
     lines += ["", f"## Most sensitive activations of {sens['graph']} (lowest SQNR of 16-bit quantisation alone)", "",
               "| node | tensor | alone (dB) | in the quantised graph (dB) |", "|---|---|---:|---:|"]
     lines += [f"| {r['node']} | {r['tensor']} | {r['qdq_db']:.1f} | {r['xmodel_db']:.1f} |"
               for r in sens["activations"][:10]]
-    lines += ["", "| weight | 8-bit SQNR (dB) |", "|---|---:|"]
-    lines += [f"| {r['weight']} | {r['sqnr_db']:.1f} |" for r in sens["weights"][:5]]
+    lines += ["", f"## Most sensitive weights of {sens['graph']} (graph output SQNR with only that weight 8-bit)", "",
+              "| module | weight SQNR (dB) | output SQNR (dB) |", "|---|---:|---:|"]
+    lines += [f"| {r['module']} | {r['weight_db']:.1f} | {r['output_db']:.1f} |"
+              for r in sens["weights"][:10]]
     if "lift" in report:
         lift = report["lift"]
-        lines += ["", f"Keeping {len(lift['float_nodes'])} most sensitive nodes of {lift['graph']} in float: "
+        lines += ["", f"Keeping the {len(lift['float_nodes'])} nodes that read its most sensitive weights in float, "
+                  f"{lift['graph']}: "
                   f"{lift['sqnr_db_before']:.1f} dB -> {lift['sqnr_db_after']:.1f} dB ({lift['kept']} kept)."]
     return "\n".join(lines) + "\n"
 
 
-def _paper(row: dict) -> str:
+def paper_sqnr(row: dict) -> str:
+    """The paper's deployed SQNR for a graph's row of the report, as a table cell."""
     paper = PAPER_SQNR_DB.get(row["component"])
     if isinstance(paper, tuple):
         paper = paper[row["stage"]] if row["stage"] is not None and row["stage"] < len(paper) else None
