@@ -132,8 +132,8 @@ def _graph_table(report: Report) -> list[str]:
               "copy of the weights)."]
     if "lift" in report.sqnr:
         lift = report.sqnr["lift"]
-        lines += ["", f"Sensitivity of the worst graph, {lift['graph']}: keeping its {len(lift['float_nodes'])} most "
-                  f"sensitive nodes in float moved its SQNR from {lift['sqnr_db_before']:.1f} to "
+        lines += ["", f"Sensitivity of the worst graph, {lift['graph']}: keeping the {len(lift['float_nodes'])} nodes "
+                  f"that read its most sensitive weights in float moved its SQNR from {lift['sqnr_db_before']:.1f} to "
                   f"{lift['sqnr_db_after']:.1f} dB ({lift['kept']} kept); the per-node table is in sqnr.md."]
     return lines
 
@@ -176,7 +176,7 @@ def run_all(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="nano", help="nano or a checkpoint folder")
-    parser.add_argument("--work", type=Path, required=True, help="folder for the exported and quantised graphs")
+    parser.add_argument("--work", type=Path, help="folder for the exported and quantised graphs (required)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--keep-float", type=int, default=8)
@@ -189,6 +189,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.measure:
         args.result.write_text(json.dumps(measure_pipeline(args.measure, args.backend, args.threads, args.repeats)))
+    elif args.work is None:
+        parser.error("--work is required")
     else:
         run_all(args)
 

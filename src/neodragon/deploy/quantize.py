@@ -175,8 +175,9 @@ def quantize_folder(source: str | Path, out: str | Path, scheme: str = "w8a16", 
                     keep_float: int = 0, seed: int = 0, threads: int | None = None, overwrite: bool = False) -> dict:
     """Quantise every graph of an exported fp32 folder into ``out`` and write ``sqnr.json`` / ``sqnr.md`` there.
 
-    With ``keep_float > 0`` the graph with the lowest SQNR is quantised again with its ``keep_float`` most sensitive
-    nodes left in float (``sensitivity``); the better of the two is kept and both SQNRs are reported.
+    The graph with the lowest SQNR gets a per-layer ``sensitivity`` analysis; with ``keep_float > 0`` it is quantised
+    again with the nodes reading its ``keep_float`` most sensitive weights left in float, the better of the two is
+    kept and both SQNRs are reported.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"Unknown scheme {scheme!r}; supported: {', '.join(SCHEMES)}.")
