@@ -141,6 +141,13 @@ def per_call_ms(fn: Callable[[], object], repeats: int, min_ms: float = 300.0) -
     return statistics.median(batch_ms(fn, calls) / calls for _ in range(repeats))
 
 
+def peak_rss_gib() -> float:
+    """This process's peak RSS since its exec (VmHWM): ``ru_maxrss`` of a child also counts the parent's RSS at the
+    fork."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) / 2**20
+
+
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from bench_core import ReportHead, per_call_ms, report_preamble, write_atomic
+from bench_core import ReportHead, peak_rss_gib, per_call_ms, report_preamble, write_atomic
 
 PROMPTS = ("a red circle moving to the right", "two blue squares moving up", "a small green triangle on the left")
 BACKENDS = (("PyTorch fp32", "pytorch", None), ("ORT fp32", "onnxruntime", "fp32"),
@@ -59,8 +59,8 @@ def measure_pipeline(model: str, backend: str, threads: int, repeats: int) -> di
 
     generate(PROMPTS[0])
     times = [generate(p) for _ in range(repeats) for p in PROMPTS]
-    return {"total_s": statistics.median(times), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 2**20}
+    return {"total_s": statistics.median(times), "peak_rss_gib": peak_rss_gib()}
+
 
 
 def graph_latencies(fp32: Path, quantised: Path, threads: int) -> dict[str, dict[str, float]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_core import ReportHead, report_preamble, write_atomic
+from bench_core import ReportHead, peak_rss_gib, report_preamble, write_atomic
 
 OFFICIAL_LAYERS = 18
 
@@ -42,7 +41,7 @@ def export_once(layers: int, folder: Path) -> dict:
     export_graph(DiTStageGraph(dit), args, names, ["velocity"], folder, "dit", "transformer")
     seconds = time.perf_counter() - start
     return {"layers": layers, "params": sum(p.numel() for p in dit.parameters()), "seconds": seconds,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_rss_gib": peak_rss_gib(),
             "clips": [list(s) for s in shapes]}
 
 
