@@ -13,9 +13,11 @@ and per-layer sensitivity (the paper's §4.2, with ONNX Runtime in place of AIME
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -311,8 +313,10 @@ def _module_names(model: onnx.ModelProto) -> dict[str, str]:
     for node in model.graph.node:
         scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
         if scopes:
-            parts = [part.strip(" '") for part in scopes.strip("[]").split(",")]
-            names[node.name] = parts[-2] if len(parts) > 1 else parts[-1]
+            parts = ast.literal_eval(scopes)
+            # a module reached through __dict__ (a pruned DiT's block list) is recorded by that path
+            module = parts[-2] if len(parts) > 1 else parts[-1]
+            names[node.name] = re.sub(r"__dict__\['_modules'\]\['([^']+)'\]", r"\1", module)
     return names
 
 
