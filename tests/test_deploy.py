@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from neodragon.cli import app
 from neodragon.deploy.export import ATOL, RTOL, Manifest, export_model
-from neodragon.deploy.quantize import mask_nodes, quantize_folder, sqnr_db
+from neodragon.deploy.quantize import mask_nodes, quantize_folder, record_feeds, sqnr_db
 from neodragon.deploy.runtime import load_onnx_pipeline
-from neodragon.pipelines.neodragon import ModeDefaults, NeodragonPipeline
+from neodragon.models.first_frame import LatentFirstFrameGenerator, latent_unet
+from neodragon.pipelines.neodragon import ModeDefaults, NeodragonPipeline, PipelineConfig
 from neodragon.presets import create_random_checkpoint, reduced_official_preset
 
 runner = CliRunner()
@@ -171,3 +172,21 @@ def _quantised_copy(exported, tmp_path):
     manifest["scheme"] = "w8a16"
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
+
+
+def test_hybrid_mode_exports_the_first_frame_unet(model, tmp_path):
+    hybrid = tmp_path / "hybrid"
+    shutil.copytree(model, hybrid)
+    torch.manual_seed(0)
+    LatentFirstFrameGenerator(latent_unet(16, 20, 24, 8, (16, 32))).save_pretrained(hybrid)
+    PipelineConfig.load(hybrid).with_latent_first_frame(2, 3.0).save(hybrid)
+    manifest = export_model(hybrid, tmp_path / "fp32")
+    assert manifest.mode == "hybrid" and manifest.graphs["first_frame"].component == "first_frame"
+    units = {s.unit for s in manifest.graphs.values() if s.component == "transformer"}
+    assert units == {1}  # frame 0 comes from the UNet
+    reference = NeodragonPipeline.from_pretrained(hybrid)
+    assert reference.mode == "hybrid"
+    assert (_video(load_onnx_pipeline(tmp_path / "fp32")) - _video(reference)).abs().max() < 2e-3
+    assert any("Softmax" in n for n in mask_nodes(onnx.load(tmp_path / "fp32" / "graphs" / "first_frame.onnx")))
+    feeds = record_feeds(tmp_path / "fp32", [PROMPT])
+    assert len(feeds["first_frame"]) == 2 * 2  # 2 Euler steps x (negative, prompt) rows: calibration sees it

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.first_frame import LatentFirstFrameGenerator
 from ..models.mmdit import PyramidMMDiT
 from ..models.sr import QuickSRNet
 from ..models.vae import AsymmetricCausalVideoVAE
@@ -46,7 +47,7 @@ class GraphSpec:
     """One exported graph: which component it runs, its file and its fixed input/output tensors."""
 
     name: str
-    component: str  # text_encoder, context_adapter, transformer, vae_decoder, super_resolution
+    component: str  # text_encoder, context_adapter, first_frame, transformer, vae_decoder, super_resolution
     file: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -167,9 +168,9 @@ def export_model(model: str | Path, out: str | Path, mode: str | None = None, nu
     config = pipe.pipeline_config
     num_frames = num_frames or config.num_frames
     height, width = height or config.height, width or config.width
-    if pipe.mode != "monolithic":
-        raise ValueError(f"Export covers monolithic mode (every frame from the DiT); {model} loads in {pipe.mode} "
-                         "mode, whose first-frame generator has no exporter yet. Pass --mode monolithic.")
+    if pipe.mode == "hybrid" and not isinstance(pipe.first_frame_generator, LatentFirstFrameGenerator):
+        raise ValueError(f"{model}'s hybrid mode makes frame 0 with {type(pipe.first_frame_generator).__name__}, "
+                         "which has no exporter (only the nano latent UNet has). Pass --mode monolithic.")
     pipe._check_geometry(num_frames, height, width)
     with atomic_folder(Path(out), overwrite) as tmp:
         (tmp / GRAPHS).mkdir()
@@ -195,9 +196,11 @@ def _export_graphs(pipe: NeodragonPipeline, folder: Path, num_frames: int, heigh
         graphs.append(export_graph(pipe.context_adapter, (context,), ["tokens"], ["context"], folder,
                                    "context_adapter", "context_adapter"))
         context = pipe.context_adapter(context)
+    generator = torch.Generator().manual_seed(0)
+    if pipe.first_frame_generator is not None:
+        graphs.append(_export_first_frame(pipe, folder, encoding, height, width, generator))
     dit_inputs = (context, encoding.mask, encoding.pooled.float(), torch.tensor([500.0]))
     dit_names = ["context", "mask", "pooled", "timestep"]
-    generator = torch.Generator().manual_seed(0)
     for unit, stage, clips in dit_schedule(pipe, num_frames, height, width):
         clips = [torch.randn(clip.shape, generator=generator) for clip in clips]
         graphs.append(export_graph(DiTStageGraph(pipe.transformer), (*dit_inputs, *clips),
@@ -215,6 +218,17 @@ def _export_graphs(pipe: NeodragonPipeline, folder: Path, num_frames: int, heigh
     return graphs
 
 
+def _export_first_frame(pipe: NeodragonPipeline, folder: Path, encoding, height: int, width: int,
+                        generator: torch.Generator) -> GraphSpec:
+    """The first-frame UNet: one velocity call ``(latents, sigmas, tokens, mask, pooled) -> velocity``."""
+    unet = pipe.first_frame_generator
+    down = pipe.vae.config.spatial_downsample_scale
+    latents = torch.randn(1, unet.unet.config.in_channels, height // down, width // down, generator=generator)
+    args = (latents, torch.tensor([0.5]), encoding.tokens.float(), encoding.mask, encoding.pooled.float())
+    return export_graph(unet, args, ["latents", "sigmas", "tokens", "mask", "pooled"], ["velocity"], folder,
+                        "first_frame", "first_frame")
+
+
 def dit_schedule(pipe: NeodragonPipeline, num_frames: int, height: int,
                  width: int) -> list[tuple[int, int, list[torch.Tensor]]]:
     """``(unit, stage, clips)`` for every DiT call shape of a video: history clips then the current latent, as
@@ -224,7 +238,7 @@ def dit_schedule(pipe: NeodragonPipeline, num_frames: int, height: int,
     frame = torch.zeros(1, pipe.transformer.config.in_channels, 1, height // down, width // down)
     pyramid = scheduler.latent_pyramid(frame)
     calls = []
-    for unit in range(latent_frames):
+    for unit in range(1 if pipe.mode == "hybrid" else 0, latent_frames):  # hybrid: frame 0 from its generator
         history = scheduler.history_from_pyramids([pyramid] * unit)
         for stage in range(scheduler.config.stages):
             calls.append((unit, stage, [*history[stage], pyramid[stage]]))
@@ -281,7 +295,10 @@ def _save_runtime_files(pipe: NeodragonPipeline, folder: Path, config: PipelineC
         {"max_sequence_length": text.max_sequence_length, "pooled_tokenizers": len(pooled)}, indent=1) + "\n")
     pipe.scheduler.save_pretrained(folder / "scheduler")
     config.save(folder)  # its size is the exported one
-    for name, module in (("transformer", pipe.transformer), ("vae", pipe.vae)):
+    modules = [("transformer", pipe.transformer), ("vae", pipe.vae)]
+    if pipe.first_frame_generator is not None:
+        modules.append(("first_frame_unet", pipe.first_frame_generator.unet))
+    for name, module in modules:
         (folder / "configs").mkdir(exist_ok=True)
         (folder / "configs" / f"{name}.json").write_text(module.to_json_string())
 

@@ -4,9 +4,9 @@ and per-layer sensitivity (the paper's §4.2, with ONNX Runtime in place of AIME
 - Weights: 8-bit, symmetric, per output channel. Activations: 16-bit, asymmetric, min-max ranges from calibration
   feeds, i.e. the inputs every graph receives while the fp32 graphs generate videos for the calibration prompts.
 - The text encoder stays fp16, as in the paper (its weights in fp16, inputs and outputs in float32).
-- The additive attention mask (``-inf`` or the dtype's lowest value where attention is blocked) cannot share a 16-bit
-  grid with attention scores, so the mask, the score + mask sums and the softmax reading them stay in float; the
-  paper instead lowered the mask value (§7.1, trick 4).
+- The additive attention mask (``-inf``, the dtype's lowest value or -10000 where attention is blocked) cannot
+  share a 16-bit grid with attention scores, so the mask, the score + mask sums and the softmax reading them stay
+  in float; the paper instead lowered the mask value (§7.1, trick 4).
 - SQNR = 20 log10(||x|| / ||x - y||) between the fp32 graph's outputs x and the quantised graph's y, over all the
   feeds of held-out prompts (the evaluation prompts, never used for calibration).
 """
@@ -76,7 +76,7 @@ def record_feeds(folder: str | Path, prompts: Sequence[str], seed: int = 0, max_
 
 
 def _graphs(pipe) -> list:
-    parts = [pipe.text_encoder, pipe.context_adapter, pipe.vae, pipe.super_resolution]
+    parts = [pipe.text_encoder, pipe.context_adapter, pipe.first_frame_generator, pipe.vae, pipe.super_resolution]
     return [*(p.graph for p in parts if p is not None), *pipe.transformer.graphs.values()]
 
 
@@ -97,8 +97,8 @@ class _Reader(CalibrationDataReader):
 
 
 def mask_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes carrying an additive attention mask: a Where with a huge constant, and everything downstream of it up to
-    and including the Softmax that reads it."""
+    """Nodes carrying an additive attention mask: a Where or Mul with a huge constant, and everything downstream of
+    it up to and including the Softmax that reads it."""
     constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].t.dims is not None:
@@ -112,7 +112,8 @@ def mask_nodes(model: onnx.ModelProto) -> list[str]:
         value = constants.get(name)
         return value is not None and value.dtype.kind == "f" and bool(np.abs(value).max(initial=0) >= MASK_VALUE)
 
-    front = [n for n in model.graph.node if n.op_type == "Where" and any(is_fill(i) for i in n.input)]
+    # the DiT fills blocked positions with a Where, diffusers' UNet scales (1 - mask) by -10000 with a Mul
+    front = [n for n in model.graph.node if n.op_type in ("Where", "Mul") and any(is_fill(i) for i in n.input)]
     found: dict[str, None] = {}
     while front:
         node = front.pop()

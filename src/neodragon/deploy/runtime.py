@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.autoencoders.vae import DecoderOutput
 from transformers import AutoTokenizer
 
+from ..models.first_frame import LatentFirstFrameGenerator
 from ..models.text import TextEncoding, token_counts, tokenize_prompts
 from ..models.vae import AsymmetricCausalVideoVAE
 from ..pipelines.neodragon import NeodragonPipeline, PipelineConfig
@@ -140,6 +142,19 @@ class OnnxTransformer(OnnxModule):
         return graph(**feeds)
 
 
+class OnnxFirstFrameGenerator(OnnxModule):
+    """Hybrid mode's latent UNet as a graph, sampled by ``LatentFirstFrameGenerator``'s own loop."""
+
+    first_frame_latents = LatentFirstFrameGenerator.first_frame_latents
+
+    def __init__(self, config: dict, graph: OnnxGraph, num_inference_steps: int, guidance_scale: float):
+        self.unet = SimpleNamespace(config=FrozenDict(config))
+        self.graph, self.num_inference_steps, self.guidance_scale = graph, num_inference_steps, guidance_scale
+
+    def __call__(self, latents, sigmas, tokens, mask, pooled) -> torch.Tensor:
+        return self.graph(latents=latents, sigmas=sigmas, tokens=tokens, mask=mask, pooled=pooled)[0]
+
+
 class OnnxVAE(OnnxModule):
     """The VAE decoder graph with the VAE config (latent constants, scales)."""
 
@@ -174,6 +189,12 @@ def load_onnx_pipeline(folder: str | Path, threads: int | None = None) -> Neodra
     configs = {name: json.loads((folder / "configs" / f"{name}.json").read_text()) for name in ("transformer", "vae")}
     adapter = component("context_adapter")
     sr = component("super_resolution")
+    config = PipelineConfig.load(folder)
+    first_frame = None
+    if component("first_frame"):
+        unet_config = json.loads((folder / "configs" / "first_frame_unet.json").read_text())
+        first_frame = OnnxFirstFrameGenerator(unet_config, component("first_frame")[0], config.first_frame_steps,
+                                              config.first_frame_guidance)
     pipe = NeodragonPipeline(
         text_encoder=OnnxTextEncoder(folder, component("text_encoder")[0]),
         context_adapter=OnnxContextAdapter(adapter[0]) if adapter else None,
@@ -181,7 +202,7 @@ def load_onnx_pipeline(folder: str | Path, threads: int | None = None) -> Neodra
         vae=OnnxVAE(configs["vae"], component("vae_decoder")[0]),
         scheduler=PyramidFlowMatchScheduler.from_pretrained(folder / "scheduler"),
         mode=manifest.mode, super_resolution=OnnxSuperResolution(sr[0]) if sr else None,
-        pipeline_config=PipelineConfig.load(folder))
+        first_frame_generator=first_frame, pipeline_config=config)
     pipe.manifest = manifest
     return pipe
 
