@@ -190,3 +190,13 @@ def test_hybrid_mode_exports_the_first_frame_unet(model, tmp_path):
     assert any("Softmax" in n for n in mask_nodes(onnx.load(tmp_path / "fp32" / "graphs" / "first_frame.onnx")))
     feeds = record_feeds(tmp_path / "fp32", [PROMPT])
     assert len(feeds["first_frame"]) == 2 * 2  # 2 Euler steps x (negative, prompt) rows: calibration sees it
+
+
+def test_info_lists_the_graphs(quantised):
+    result = runner.invoke(app, ["info", str(quantised), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["scheme"] == "w8a16" and info["video"] == [9, 64, 64]
+    assert {g["graph"] for g in info["graphs"]} == set(Manifest.load(quantised).graphs)
+    assert all(g["sqnr_db"] > 0 and g["bytes"] > 0 for g in info["graphs"])
+    assert "transformer_f1_s2" in runner.invoke(app, ["info", str(quantised)]).output

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import check_weight_files
+from .errors import check_weight_files, fail
 from .generate import checkpoint_root, local_checkpoint, quiet_loading
 
 
@@ -20,9 +20,13 @@ def info(
 ) -> None:
     """Components of a model: class, parameter count, size on disk, dtypes and config; the adapters it ships."""
     from ..adapters.loading import checkpoint_adapters, read_info
+    from ..deploy.runtime import is_exported_folder
     from ..presets import PRESETS, create_random_checkpoint
     from ..utils.checkpoint import describe_checkpoint
 
+    if is_exported_folder(model):
+        exported_info(model, as_json)
+        return
     check_weight_files(local_checkpoint(model))
     quiet_loading()
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +65,43 @@ def info(
                   f"{a['parameters']:,} numbers (generate --adapter {name})")
     if defaults:
         out.print_json(json.dumps(defaults))
+
+
+def exported_info(folder: str, as_json: bool) -> None:
+    """The graphs of a `deploy export` / `deploy quantize` folder: component, shapes, precision, size, check and
+    SQNR (when quantised)."""
+    from pathlib import Path
+
+    from ..deploy.export import Manifest
+
+    try:
+        manifest = Manifest.load(folder)
+    except ValueError as err:
+        fail(str(err))
+    report = Path(folder) / "sqnr.json"
+    sqnr = json.loads(report.read_text())["graphs"] if report.is_file() else {}
+    rows = []
+    for spec in manifest.graphs.values():
+        path = Path(folder) / spec.file
+        size = sum(f.stat().st_size for f in (path, path.with_suffix(".onnx.data")) if f.is_file())
+        rows.append({"graph": spec.name, "component": spec.component, "inputs": {t.name: t.shape for t in spec.inputs},
+                     "precision": spec.precision, "bytes": size, "max_abs_error_fp32": spec.check.get("max_abs_error"),
+                     "sqnr_db": sqnr.get(spec.name, {}).get("sqnr_db")})
+    if as_json:
+        typer.echo(json.dumps({"model": folder, "mode": manifest.mode, "scheme": manifest.scheme,
+                               "video": [manifest.num_frames, manifest.height, manifest.width], "graphs": rows},
+                              indent=2))
+        return
+    table = Table(title=f"exported model: {folder} ({manifest.scheme}, {manifest.mode} mode, {manifest.num_frames} "
+                  f"frames at {manifest.height}x{manifest.width}; run with --backend onnxruntime)")
+    for column in ("graph", "inputs (DiT: its clips)", "precision", "size", "SQNR"):
+        table.add_column(column, justify="right" if column in ("size", "SQNR") else "left", no_wrap=column == "graph")
+    for row in rows:
+        inputs = {k: v for k, v in row["inputs"].items() if k.startswith("clip_")} or row["inputs"]
+        shapes = " ".join("x".join(map(str, shape)) for shape in inputs.values())
+        table.add_row(row["graph"], shapes, row["precision"], f"{row['bytes'] / 2**20:.2f} MiB",
+                      "-" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f} dB")
+    Console().print(table)
 
 
 def super_resolution_summary(components: list, defaults: dict | None) -> dict | None:
