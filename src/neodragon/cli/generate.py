@@ -204,7 +204,7 @@ def load_model(model: str, mode: str | None, dtype: str, device: str, backend: s
     """The pipeline of ``model`` on ``backend``; ends the command with a clear message on a bad combination."""
     import torch
 
-    from ..deploy.runtime import is_exported_folder
+    from ..deploy.runtime import is_exported_folder, load_onnx_pipeline
     from ..presets import load_pipeline
 
     if backend not in ("pytorch", "onnxruntime"):
@@ -223,8 +223,6 @@ def load_model(model: str, mode: str | None, dtype: str, device: str, backend: s
     if adapters or device != "cpu" or DTYPES[dtype] != "float32":
         fail("--backend onnxruntime runs the exported graphs as they are, on the CPU: leave out --adapter (fuse "
              "adapters before exporting), --device and --dtype.")
-    from ..deploy.runtime import load_onnx_pipeline
-
     try:
         pipe = load_onnx_pipeline(model)
     except (ValueError, FileNotFoundError) as err:

@@ -182,6 +182,7 @@ def export_model(model: str | Path, out: str | Path, mode: str | None = None, nu
     return manifest
 
 
+@torch.no_grad()
 def _export_graphs(pipe: NeodragonPipeline, folder: Path, num_frames: int, height: int,
                    width: int) -> list[GraphSpec]:
     text_inputs = pipe.text_encoder.tokenize(["a red circle moving to the right"])
@@ -190,7 +191,7 @@ def _export_graphs(pipe: NeodragonPipeline, folder: Path, num_frames: int, heigh
     text_args = (text_inputs["input_ids"], text_inputs["attention_mask"], *pooled_ids)
     graphs = [export_graph(TextGraph(pipe.text_encoder), text_args, names, ["tokens", "pooled"], folder,
                            "text_encoder", "text_encoder")]
-    encoding = pipe.text_encoder.encode(["a red circle moving to the right"])
+    encoding = pipe.text_encoder(**text_inputs)
     context = encoding.tokens.float()
     if pipe.context_adapter is not None:
         graphs.append(export_graph(pipe.context_adapter, (context,), ["tokens"], ["context"], folder,
@@ -206,8 +207,8 @@ def _export_graphs(pipe: NeodragonPipeline, folder: Path, num_frames: int, heigh
         graphs.append(export_graph(DiTStageGraph(pipe.transformer), (*dit_inputs, *clips),
                                    [*dit_names, *(f"clip_{i}" for i in range(len(clips)))], ["velocity"], folder,
                                    f"transformer_f{unit}_s{stage}", "transformer", unit=unit, stage=stage))
-    down, t_down = pipe.vae.config.spatial_downsample_scale, pipe.vae.config.temporal_downsample_scale
-    latents = torch.randn(1, pipe.vae.config.encoder_out_channels, (num_frames - 1) // t_down + 1,
+    down = pipe.vae.config.spatial_downsample_scale
+    latents = torch.randn(1, pipe.vae.config.encoder_out_channels, pipe.vae.num_latent_frames(num_frames),
                           height // down, width // down, generator=generator) * 0.2
     graphs.append(export_graph(DecoderGraph(pipe.vae), (latents,), ["latents"], ["video"], folder, "vae_decoder",
                                "vae_decoder"))
@@ -234,7 +235,7 @@ def dit_schedule(pipe: NeodragonPipeline, num_frames: int, height: int,
     """``(unit, stage, clips)`` for every DiT call shape of a video: history clips then the current latent, as
     ``NeodragonPipeline.__call__`` builds them (zeros: only the shapes matter)."""
     scheduler, down = pipe.scheduler, pipe.vae.config.spatial_downsample_scale
-    latent_frames = (num_frames - 1) // pipe.vae.config.temporal_downsample_scale + 1
+    latent_frames = pipe.vae.num_latent_frames(num_frames)
     frame = torch.zeros(1, pipe.transformer.config.in_channels, 1, height // down, width // down)
     pyramid = scheduler.latent_pyramid(frame)
     calls = []
@@ -298,8 +299,8 @@ def _save_runtime_files(pipe: NeodragonPipeline, folder: Path, config: PipelineC
     modules = [("transformer", pipe.transformer), ("vae", pipe.vae)]
     if pipe.first_frame_generator is not None:
         modules.append(("first_frame_unet", pipe.first_frame_generator.unet))
+    (folder / "configs").mkdir()
     for name, module in modules:
-        (folder / "configs").mkdir(exist_ok=True)
         (folder / "configs" / f"{name}.json").write_text(module.to_json_string())
 
 

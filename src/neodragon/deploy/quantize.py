@@ -38,7 +38,7 @@ SCHEMES = ("w8a16",)
 FP16_COMPONENTS = ("text_encoder",)
 # The paper's deployed SQNR per graph kind (§4.2, Table 9); DiT stages lowest to highest resolution.
 PAPER_SQNR_DB = {"vae_decoder": 35.0, "transformer": (29.0, 22.0, 24.0), "super_resolution": 48.0}
-MASK_VALUE = 1e4  # a constant at least this large in a Where feeding an attention sum is a mask fill
+MASK_VALUE = 1e4  # a constant at least this large in a Where or Mul that feeds an attention sum is a mask fill
 
 Feeds = list[dict[str, np.ndarray]]
 
@@ -66,18 +66,13 @@ def record_feeds(folder: str | Path, prompts: Sequence[str], seed: int = 0, max_
     the folder has it; at most ``max_feeds`` per graph, taken evenly over the run."""
     pipe = load_onnx_pipeline(folder, threads)
     pipe.set_progress_bar_config(disable=True)
-    graphs = _graphs(pipe)
+    graphs = list(pipe.onnx_graphs.values())
     for graph in graphs:
         graph.recorder = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator().manual_seed(seed + index)
         pipe(prompt, generator=generator, output_type="pt", super_resolution=pipe.super_resolution is not None)
     return {g.spec.name: _evenly(g.recorder, max_feeds) for g in graphs}
-
-
-def _graphs(pipe) -> list:
-    parts = [pipe.text_encoder, pipe.context_adapter, pipe.first_frame_generator, pipe.vae, pipe.super_resolution]
-    return [*(p.graph for p in parts if p is not None), *pipe.transformer.graphs.values()]
 
 
 def _evenly(items: list, count: int | None) -> list:
@@ -101,7 +96,7 @@ def mask_nodes(model: onnx.ModelProto) -> list[str]:
     it up to and including the Softmax that reads it."""
     constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].t.dims is not None:
+        if node.op_type == "Constant" and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     users: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -132,7 +127,7 @@ def quantize_graph(source: Path, target: Path, calibration: Feeds, float_nodes: 
     keep = list(dict.fromkeys([*mask_nodes(onnx.load(source, load_external_data=False)), *float_nodes]))
     large = source.with_suffix(".onnx.data").exists()
     with _quiet_root_logger():  # one warning per 1-D weight (no channel axis: per-tensor scale) and call
-            quantize_static(source, target, _Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(source, target, _Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt16, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
                         use_external_data_format=large,
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
@@ -276,8 +271,6 @@ def activation_errors(float_graph: Path, quantised_graph: Path, feeds: Feeds) ->
 def weight_sensitivity(float_graph: Path, quantised_graph: Path, feeds: Feeds,
                        threads: int | None = None) -> list[dict]:
     """The graph output's SQNR with one weight at a time replaced by its 8-bit copy (lowest first)."""
-    import onnxruntime as ort
-
     model = onnx.load(float_graph)
     readers: dict[str, list[str]] = {}
     for node in model.graph.node:
@@ -286,20 +279,15 @@ def weight_sensitivity(float_graph: Path, quantised_graph: Path, feeds: Feeds,
     modules = _module_names(model)
     reference_session = session(float_graph, threads)
     reference = [reference_session.run(None, f)[0] for f in feeds]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+    initializers = {init.name: init for init in model.graph.initializer}
     rows = []
     for name, dequantised in dequantised_weights(quantised_graph).items():
-        index = next((i for i, init in enumerate(model.graph.initializer) if init.name == name), None)
-        if index is None:
+        if name not in initializers:
             continue
-        original = model.graph.initializer[index]
-        weight = numpy_helper.to_array(original)
-        model.graph.initializer[index].CopyFrom(numpy_helper.from_array(dequantised.astype(weight.dtype), name))
-        trial = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        model.graph.initializer[index].CopyFrom(numpy_helper.from_array(weight, name))
+        weight = numpy_helper.to_array(initializers[name])
+        initializers[name].CopyFrom(numpy_helper.from_array(dequantised.astype(weight.dtype), name))
+        trial = session(model.SerializeToString(), threads)
+        initializers[name].CopyFrom(numpy_helper.from_array(weight, name))
         nodes = readers.get(name, [])
         module = ", ".join(dict.fromkeys(modules.get(n, n) for n in nodes))
         rows.append({"weight": name, "nodes": nodes, "module": module,

@@ -24,8 +24,9 @@ from ..schedulers import PyramidFlowMatchScheduler
 from .export import GraphSpec, Manifest
 
 
-def session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session (``threads``: intra-op threads; None lets ONNX Runtime choose)."""
+def session(model: str | Path | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session of a graph file or serialized graph (``threads``: intra-op threads; None lets ONNX
+    Runtime choose)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -35,7 +36,8 @@ def session(path: str | Path, threads: int | None = None):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
 
 
 class OnnxModule:
@@ -203,7 +205,7 @@ def load_onnx_pipeline(folder: str | Path, threads: int | None = None) -> Neodra
         scheduler=PyramidFlowMatchScheduler.from_pretrained(folder / "scheduler"),
         mode=manifest.mode, super_resolution=OnnxSuperResolution(sr[0]) if sr else None,
         first_frame_generator=first_frame, pipeline_config=config)
-    pipe.manifest = manifest
+    pipe.onnx_graphs = graphs  # every graph by name (calibration records their feeds)
     return pipe
 
 

@@ -19,6 +19,7 @@ from ..training.first_frame import first_frame_batches, first_frame_loss
 from ..training.latents import CaptionEncodings, LatentCache
 from ..training.trainer import TrainConfig, Trainer, cpu_only
 from ..utils.checkpoint import strip_machine_paths
+from ..utils.video import atomic_folder
 
 
 def train_first_frame(config: TrainConfig, latents_dir: str | Path | Sequence[str | Path], model: str | Path = "nano",
@@ -58,12 +59,9 @@ def export_hybrid(checkpoint: str | Path, generator_dir: str | Path, out_dir: st
     source, out = local_folder(checkpoint), Path(out_dir)
     generator = LatentFirstFrameGenerator.from_pretrained(generator_dir, torch_dtype=dtype)
     config = PipelineConfig.load(source).with_latent_first_frame(num_inference_steps, guidance_scale)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(LATENT_UNET_SUBFOLDER))
-    generator.save_pretrained(tmp)
-    config.save(tmp)
-    strip_machine_paths(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_folder(out, overwrite=True) as tmp:
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(LATENT_UNET_SUBFOLDER), dirs_exist_ok=True)
+        generator.save_pretrained(tmp)
+        config.save(tmp)
+        strip_machine_paths(tmp)
     return out

@@ -38,7 +38,7 @@ from ..training.pruning import (
 from ..training.text_distillation import distillation_prompts
 from ..training.trainer import TrainConfig, Trainer, cpu_only
 from ..utils.checkpoint import strip_machine_paths
-from ..utils.video import atomic_path
+from ..utils.video import atomic_folder, atomic_path
 
 PRUNING_FILE = "pruning.json"
 DIT = SUBFOLDERS["monolithic", "transformer"]
@@ -177,21 +177,17 @@ def copy_with_dit(source: Path, dit: PyramidMMDiT, out: Path, records: dict[str,
                   ignore: Callable[[str, list[str]], list[str]] | None = None,
                   pipeline: PipelineConfig | None = None) -> Path:
     """``source`` copied to ``out`` with ``dit`` as its multistep DiT (in the dtype ``source`` stores it in), each of
-    ``records`` written as a JSON file and, if given, another ``pipeline`` config. It is built in a sibling ``.tmp``
-    folder and renamed at the end, so an interrupted write leaves no half-written checkpoint."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=ignore)
-    shutil.rmtree(tmp / DIT)
-    dit.to(stored_dtype(source / DIT)).save_pretrained(tmp / DIT)
-    for name, record in records.items():
-        (tmp / name).write_text(json.dumps(record, indent=1) + "\n")
-    if pipeline is not None:
-        pipeline.save(tmp)
-    strip_machine_paths(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    ``records`` written as a JSON file and, if given, another ``pipeline`` config; written atomically
+    (``atomic_folder``), so an interrupted write leaves no half-written checkpoint."""
+    with atomic_folder(out, overwrite=True) as tmp:
+        shutil.copytree(source, tmp, ignore=ignore, dirs_exist_ok=True)
+        shutil.rmtree(tmp / DIT)
+        dit.to(stored_dtype(source / DIT)).save_pretrained(tmp / DIT)
+        for name, record in records.items():
+            (tmp / name).write_text(json.dumps(record, indent=1) + "\n")
+        if pipeline is not None:
+            pipeline.save(tmp)
+        strip_machine_paths(tmp)
     return out
 
 
