@@ -32,7 +32,7 @@ def session(model: str | Path | bytes, threads: int | None = None):
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initializers would drown the output
     # ONNX Runtime's threads spin between calls by default, which starves the torch ops between the graphs (the
-    # scheduler's noise, the renoising): on 2 cores a student video took 0.29 s instead of 0.13 s
+    # scheduler's noise, the renoising): on 2 cores a student video took 0.29 s instead of 0.07 s (docs/deployment.md)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
