@@ -200,3 +200,45 @@ def test_info_lists_the_graphs(quantised):
     assert {g["graph"] for g in info["graphs"]} == set(Manifest.load(quantised).graphs)
     assert all(g["sqnr_db"] > 0 and g["bytes"] > 0 for g in info["graphs"])
     assert "transformer_f1_s2" in runner.invoke(app, ["info", str(quantised)]).output
+
+
+def _hybrid_preset(**pipeline):
+    preset = reduced_official_preset()
+    return replace(preset, pipeline=replace(preset.pipeline, height=64, width=64, num_frames=9, **pipeline))
+
+
+def test_hybrid_mode_with_ssd1b_first_frame(tmp_path):
+    model = create_random_checkpoint(_hybrid_preset(), tmp_path / "model")  # the release's hybrid layout
+    manifest = export_model(model, tmp_path / "fp32")
+    kinds = {spec.component for spec in manifest.graphs.values()}
+    assert {"first_frame_text_encoder", "first_frame_unet", "first_frame_vae_decoder", "vae_encoder"} <= kinds
+    assert {s.unit for s in manifest.graphs.values() if s.component == "transformer"} == {1}
+    assert (_video(load_onnx_pipeline(tmp_path / "fp32"))
+            - _video(NeodragonPipeline.from_pretrained(model))).abs().max() < 2e-3
+    feeds = record_feeds(tmp_path / "fp32", [PROMPT])
+    assert len(feeds["first_frame_unet"]) == 4 and len(feeds["vae_encoder"]) == 1  # 4 LCM steps, one image
+
+    report = quantize_folder(tmp_path / "fp32", tmp_path / "w8a16", calibration_prompts=["a blue square"],
+                             heldout_prompts=[PROMPT])
+    precision = {name: row["precision"] for name, row in report["graphs"].items()}
+    assert precision["first_frame_text_encoder_1"] == precision["first_frame_text_encoder_2"] == "fp16"
+    assert precision["first_frame_unet"] == precision["first_frame_vae_decoder"] == precision["vae_encoder"] == "w8a16"
+    table = (tmp_path / "w8a16" / "sqnr.md").read_text()
+    assert "| first_frame_unet | w8a16 |" in table and "| 33 |" in table and "| 40 |" in table
+    video = _video(load_onnx_pipeline(tmp_path / "w8a16"))
+    assert video.shape == (1, 9, 3, 128, 128) and torch.isfinite(video).all()
+
+
+def test_hybrid_mode_with_the_pyramid_dit_first_frame(tmp_path):
+    monolithic = ModeDefaults([2, 1, 1], [1, 1, 1], 3.0, 2.0)
+    preset = replace(_hybrid_preset(first_frame="pyramid_dit", modes={**reduced_official_preset().pipeline.modes,
+                                                                       "monolithic": monolithic}), ssd_1b=None)
+    model = create_random_checkpoint(preset, tmp_path / "model")  # the nano student's hybrid layout
+    manifest = export_model(model, tmp_path / "fp32")
+    first_frame = [s for s in manifest.graphs.values() if s.component == "first_frame_transformer"]
+    assert sorted((s.unit, s.stage) for s in first_frame) == [(0, 0), (0, 1), (0, 2)]
+    assert "first_frame_context_adapter" in manifest.graphs
+    assert (_video(load_onnx_pipeline(tmp_path / "fp32"))
+            - _video(NeodragonPipeline.from_pretrained(model))).abs().max() < 2e-3
+    feeds = record_feeds(tmp_path / "fp32", [PROMPT])
+    assert len(feeds["first_frame_transformer_f0_s0"]) == 2 * 2  # 2 steps x (negative, prompt): CFG 3 on frame 0

@@ -17,8 +17,8 @@ app = typer.Typer(cls=FriendlyGroup, no_args_is_help=True,
 def export(model: str = typer.Argument("nano", help="A preset with bundled weights or a checkpoint folder."),
            output: Path = typer.Option(..., "--output", "-o", help="Folder for graphs/, manifest.json and the "
                                        "tokenizers and configs generation reads."),
-           mode: str = typer.Option(None, "--mode", help="monolithic, or hybrid with the nano latent UNet as "
-                                    "first frame (default: the model's)."),
+           mode: str = typer.Option(None, "--mode", help="monolithic or hybrid (frame 0 from the model's SSD-1B, "
+                                    "latent UNet or multistep DiT; default: the model's)."),
            num_frames: int = typer.Option(None, "--num-frames", help="Video length the graphs are fixed to "
                                           "(default: the model's)."),
            height: int = typer.Option(None, "--height", help="Video height (default: the model's)."),
@@ -26,8 +26,9 @@ def export(model: str = typer.Argument("nano", help="A preset with bundled weigh
            sr: bool = typer.Option(True, "--sr/--no-sr", help="Export the super-resolution network when the model "
                                    "has one."),
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder.")) -> None:
-    """Export MODEL's generation path as static ONNX graphs (text encoder, context adapter, first-frame UNet in hybrid
-    mode, one DiT graph per stage and history length, VAE decoder, SR), each checked against PyTorch."""
+    """Export MODEL's generation path as static ONNX graphs (text encoder, context adapter, the first-frame
+    generator's graphs in hybrid mode, one DiT graph per stage and history length, VAE decoder, SR), each checked
+    against PyTorch."""
     from ..deploy.export import ATOL, RTOL, export_model
 
     check_weight_files(local_checkpoint(model))

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.configuration_utils import ConfigMixin
 from torch import nn
 
-from ..models.first_frame import LatentFirstFrameGenerator
+from ..models.first_frame import SSD1B_SUBFOLDERS, LatentFirstFrameGenerator, SSD1BFirstFrameGenerator
 from ..models.mmdit import PyramidMMDiT
 from ..models.sr import QuickSRNet
 from ..models.vae import AsymmetricCausalVideoVAE
-from ..pipelines.neodragon import NeodragonPipeline, PipelineConfig
+from ..pipelines.neodragon import NeodragonPipeline, PipelineConfig, PyramidFirstFrameGenerator
 from ..utils.video import atomic_folder
 
 FORMAT = "neodragon-onnx"
@@ -47,7 +48,10 @@ class GraphSpec:
     """One exported graph: which component it runs, its file and its fixed input/output tensors."""
 
     name: str
-    component: str  # text_encoder, context_adapter, first_frame, transformer, vae_decoder, super_resolution
+    # text_encoder, context_adapter, transformer, vae_decoder, super_resolution; hybrid mode's frame 0: first_frame
+    # (latent UNet), first_frame_context_adapter + first_frame_transformer (pyramid DiT), or first_frame_text_encoder
+    # + first_frame_unet + first_frame_vae_decoder (SSD-1B) with vae_encoder
+    component: str
     file: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -143,6 +147,52 @@ class DecoderGraph(nn.Module):
         return self.vae.decode(latents).sample
 
 
+class EncoderGraph(nn.Module):
+    """The video VAE's encoder on one image as a 1-frame video: ``image -> posterior parameters`` (mean, logvar)."""
+
+    def __init__(self, vae: AsymmetricCausalVideoVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image).latent_dist.parameters
+
+
+class CLIPGraph(nn.Module):
+    """An SDXL text encoder: ``input_ids -> (output[0], hidden_states[-2])``, what SDXL's prompt encoding reads."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids):
+        output = self.encoder(input_ids, output_hidden_states=True)
+        return output[0], output.hidden_states[-2]
+
+
+class SDXLUNetGraph(nn.Module):
+    """One SDXL UNet call: ``(sample, timestep, encoder_hidden_states, text_embeds, time_ids[, timestep_cond])``."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond=None):
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
+
+
+class ImageDecoderGraph(nn.Module):
+    """An image VAE's decoder (SDXL's): ``latents -> image``."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents).sample
+
+
 class SuperResolutionGraph(nn.Module):
     """The SR model on a whole decoded video (clamped first, as ``upscale_video`` does)."""
 
@@ -168,9 +218,9 @@ def export_model(model: str | Path, out: str | Path, mode: str | None = None, nu
     config = pipe.pipeline_config
     num_frames = num_frames or config.num_frames
     height, width = height or config.height, width or config.width
-    if pipe.mode == "hybrid" and not isinstance(pipe.first_frame_generator, LatentFirstFrameGenerator):
+    if pipe.mode == "hybrid" and not isinstance(pipe.first_frame_generator, FIRST_FRAME_EXPORTERS):
         raise ValueError(f"{model}'s hybrid mode makes frame 0 with {type(pipe.first_frame_generator).__name__}, "
-                         "which has no exporter (only the nano latent UNet has). Pass --mode monolithic.")
+                         "which has no exporter. Pass --mode monolithic.")
     pipe._check_geometry(num_frames, height, width)
     with atomic_folder(Path(out), overwrite) as tmp:
         (tmp / GRAPHS).mkdir()
@@ -198,15 +248,15 @@ def _export_graphs(pipe: NeodragonPipeline, folder: Path, num_frames: int, heigh
                                    "context_adapter", "context_adapter"))
         context = pipe.context_adapter(context)
     generator = torch.Generator().manual_seed(0)
-    if pipe.first_frame_generator is not None:
+    first_frame = pipe.first_frame_generator
+    if isinstance(first_frame, LatentFirstFrameGenerator):
         graphs.append(_export_first_frame(pipe, folder, encoding, height, width, generator))
-    dit_inputs = (context, encoding.mask, encoding.pooled.float(), torch.tensor([500.0]))
-    dit_names = ["context", "mask", "pooled", "timestep"]
-    for unit, stage, clips in dit_schedule(pipe, num_frames, height, width):
-        clips = [torch.randn(clip.shape, generator=generator) for clip in clips]
-        graphs.append(export_graph(DiTStageGraph(pipe.transformer), (*dit_inputs, *clips),
-                                   [*dit_names, *(f"clip_{i}" for i in range(len(clips)))], ["velocity"], folder,
-                                   f"transformer_f{unit}_s{stage}", "transformer", unit=unit, stage=stage))
+    elif isinstance(first_frame, PyramidFirstFrameGenerator):
+        graphs += _export_pyramid_first_frame(pipe, folder, encoding, height, width, generator)
+    elif isinstance(first_frame, SSD1BFirstFrameGenerator):
+        graphs += _export_ssd1b(pipe, folder, height, width, generator)
+    graphs += _export_dit(pipe.transformer, folder, context, encoding, dit_schedule(pipe, num_frames, height, width),
+                          "transformer", generator)
     down = pipe.vae.config.spatial_downsample_scale
     latents = torch.randn(1, pipe.vae.config.encoder_out_channels, pipe.vae.num_latent_frames(num_frames),
                           height // down, width // down, generator=generator) * 0.2
@@ -230,16 +280,82 @@ def _export_first_frame(pipe: NeodragonPipeline, folder: Path, encoding, height:
                         "first_frame", "first_frame")
 
 
-def dit_schedule(pipe: NeodragonPipeline, num_frames: int, height: int,
-                 width: int) -> list[tuple[int, int, list[torch.Tensor]]]:
+def _export_pyramid_first_frame(pipe: NeodragonPipeline, folder: Path, encoding, height: int, width: int,
+                                generator: torch.Generator) -> list[GraphSpec]:
+    """Frame 0 from the multi-step DiT pair: its ContextAdapter and its three stage graphs at frame 0."""
+    first_frame, graphs = pipe.first_frame_generator, []
+    context = encoding.tokens.float()
+    if first_frame.context_adapter is not None:
+        graphs.append(export_graph(first_frame.context_adapter, (context,), ["tokens"], ["context"], folder,
+                                   "first_frame_context_adapter", "first_frame_context_adapter"))
+        context = first_frame.context_adapter(context)
+    calls = dit_schedule(pipe, 1, height, width, units=range(1))
+    return graphs + _export_dit(first_frame.transformer, folder, context, encoding, calls, "first_frame_transformer",
+                                generator)
+
+
+def _export_dit(transformer: PyramidMMDiT, folder: Path, context: torch.Tensor, encoding, calls: list,
+                component: str, generator: torch.Generator) -> list[GraphSpec]:
+    """One graph per ``(unit, stage, clips)`` call shape, named ``<component>_f<unit>_s<stage>``."""
+    inputs = (context, encoding.mask, encoding.pooled.float(), torch.tensor([500.0]))
+    names = ["context", "mask", "pooled", "timestep"]
+    graphs = []
+    for unit, stage, clips in calls:
+        clips = [torch.randn(clip.shape, generator=generator) for clip in clips]
+        graphs.append(export_graph(DiTStageGraph(transformer), (*inputs, *clips),
+                                   [*names, *(f"clip_{i}" for i in range(len(clips)))], ["velocity"], folder,
+                                   f"{component}_f{unit}_s{stage}", component, unit=unit, stage=stage))
+    return graphs
+
+
+def _export_ssd1b(pipe: NeodragonPipeline, folder: Path, height: int, width: int,
+                  generator: torch.Generator) -> list[GraphSpec]:
+    """SSD-1B's two CLIPs, its UNet (one call at the image size) and its VAE decoder, plus the video VAE's encoder
+    that turns the image into frame 0's latent (the paper's "VAE encoder" graph)."""
+    sdxl = pipe.first_frame_generator.pipe
+    graphs = []
+    for index, (tokenizer, encoder) in enumerate(((sdxl.tokenizer, sdxl.text_encoder),
+                                                   (sdxl.tokenizer_2, sdxl.text_encoder_2))):
+        ids = tokenizer(["a red circle moving to the right"], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        graphs.append(export_graph(CLIPGraph(encoder), (ids,), ["input_ids"], ["output", "penultimate"], folder,
+                                   f"first_frame_text_encoder_{index + 1}", "first_frame_text_encoder"))
+    embeds, _, pooled, _ = sdxl.encode_prompt("a red circle moving to the right", device="cpu",
+                                              do_classifier_free_guidance=False)
+    image_height, image_width = pipe.first_frame_generator.image_height, pipe.first_frame_generator.image_width
+    scale, unet = sdxl.vae_scale_factor, sdxl.unet
+    latents = torch.randn(1, unet.config.in_channels, image_height // scale, image_width // scale, generator=generator)
+    time_ids = torch.tensor([[image_height, image_width, 0, 0, image_height, image_width]], dtype=torch.float32)
+    args = [latents, torch.tensor([999.0]), embeds, pooled, time_ids]
+    names = ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    if unet.config.time_cond_proj_dim is not None:  # an LCM-distilled UNet embeds the guidance scale
+        args.append(sdxl.get_guidance_scale_embedding(torch.tensor([-1.0]), unet.config.time_cond_proj_dim))
+        names.append("timestep_cond")
+    graphs.append(export_graph(SDXLUNetGraph(unet), tuple(args), names, ["noise"], folder, "first_frame_unet",
+                               "first_frame_unet"))
+    graphs.append(export_graph(ImageDecoderGraph(sdxl.vae), (latents,), ["latents"], ["image"], folder,
+                               "first_frame_vae_decoder", "first_frame_vae_decoder"))
+    image = torch.rand(1, 3, 1, height, width, generator=generator) * 2 - 1
+    graphs.append(export_graph(EncoderGraph(pipe.vae), (image,), ["image"], ["posterior"], folder, "vae_encoder",
+                               "vae_encoder"))
+    return graphs
+
+
+FIRST_FRAME_EXPORTERS = (LatentFirstFrameGenerator, PyramidFirstFrameGenerator, SSD1BFirstFrameGenerator)
+
+
+def dit_schedule(pipe: NeodragonPipeline, num_frames: int, height: int, width: int,
+                 units: range | None = None) -> list[tuple[int, int, list[torch.Tensor]]]:
     """``(unit, stage, clips)`` for every DiT call shape of a video: history clips then the current latent, as
-    ``NeodragonPipeline.__call__`` builds them (zeros: only the shapes matter)."""
+    ``NeodragonPipeline.__call__`` builds them (zeros: only the shapes matter). ``units`` defaults to the latent
+    frames the pipeline's DiT makes (from frame 1 in hybrid mode, where frame 0 comes from its generator)."""
     scheduler, down = pipe.scheduler, pipe.vae.config.spatial_downsample_scale
-    latent_frames = pipe.vae.num_latent_frames(num_frames)
+    if units is None:
+        units = range(1 if pipe.mode == "hybrid" else 0, pipe.vae.num_latent_frames(num_frames))
     frame = torch.zeros(1, pipe.transformer.config.in_channels, 1, height // down, width // down)
     pyramid = scheduler.latent_pyramid(frame)
     calls = []
-    for unit in range(1 if pipe.mode == "hybrid" else 0, latent_frames):  # hybrid: frame 0 from its generator
+    for unit in units:
         history = scheduler.history_from_pyramids([pyramid] * unit)
         for stage in range(scheduler.config.stages):
             calls.append((unit, stage, [*history[stage], pyramid[stage]]))
@@ -297,11 +413,21 @@ def _save_runtime_files(pipe: NeodragonPipeline, folder: Path, config: PipelineC
     pipe.scheduler.save_pretrained(folder / "scheduler")
     config.save(folder)  # its size is the exported one
     modules = [("transformer", pipe.transformer), ("vae", pipe.vae)]
-    if pipe.first_frame_generator is not None:
-        modules.append(("first_frame_unet", pipe.first_frame_generator.unet))
+    first_frame = pipe.first_frame_generator
+    if isinstance(first_frame, LatentFirstFrameGenerator):
+        modules.append(("first_frame_unet", first_frame.unet))
+    elif isinstance(first_frame, PyramidFirstFrameGenerator):
+        modules.append(("first_frame_transformer", first_frame.transformer))
+    elif isinstance(first_frame, SSD1BFirstFrameGenerator):
+        sdxl = first_frame.pipe
+        modules += [(SSD1B_SUBFOLDERS[name], getattr(sdxl, name)) for name in ("unet", "vae", "text_encoder_2")]
+        for name in ("tokenizer", "tokenizer_2"):
+            getattr(sdxl, name).save_pretrained(folder / "tokenizers" / SSD1B_SUBFOLDERS[name])
     (folder / "configs").mkdir()
     for name, module in modules:
-        (folder / "configs" / f"{name}.json").write_text(module.to_json_string())
+        # diffusers models carry their config, transformers models a PretrainedConfig
+        text = module.to_json_string() if isinstance(module, ConfigMixin) else module.config.to_json_string()
+        (folder / "configs" / f"{name}.json").write_text(text)
 
 
 def copy_runtime_files(source: Path, target: Path) -> None:

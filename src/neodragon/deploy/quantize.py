@@ -35,9 +35,12 @@ from .export import GraphSpec, Manifest, copy_runtime_files
 from .runtime import load_onnx_pipeline, session
 
 SCHEMES = ("w8a16",)
-FP16_COMPONENTS = ("text_encoder",)
-# The paper's deployed SQNR per graph kind (§4.2, Table 9); DiT stages lowest to highest resolution.
-PAPER_SQNR_DB = {"vae_decoder": 35.0, "transformer": (29.0, 22.0, 24.0), "super_resolution": 48.0}
+FP16_COMPONENTS = ("text_encoder", "first_frame_text_encoder")  # the paper keeps CLIP-L, CLIP-G and DT5 in fp16
+# The paper's deployed SQNR per graph kind (§4.2, Table 9); DiT stages lowest to highest resolution. A pyramid-DiT
+# first frame is the same network kind as the video DiT (the paper has none; its frame 0 comes from SSD-1B).
+PAPER_SQNR_DB = {"vae_decoder": 35.0, "vae_encoder": 40.0, "transformer": (29.0, 22.0, 24.0),
+                 "first_frame_transformer": (29.0, 22.0, 24.0), "first_frame_unet": 33.0,
+                 "first_frame_vae_decoder": 31.0, "super_resolution": 48.0}
 MASK_VALUE = 1e4  # a constant at least this large in a Where or Mul that feeds an attention sum is a mask fill
 
 Feeds = list[dict[str, np.ndarray]]

@@ -13,13 +13,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
-from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from transformers import AutoTokenizer
 
-from ..models.first_frame import LatentFirstFrameGenerator
+from ..models.first_frame import SSD1B_SUBFOLDERS, LatentFirstFrameGenerator, SSD1BFirstFrameGenerator
 from ..models.text import TextEncoding, token_counts, tokenize_prompts
 from ..models.vae import AsymmetricCausalVideoVAE
-from ..pipelines.neodragon import NeodragonPipeline, PipelineConfig
+from ..pipelines.neodragon import NeodragonPipeline, PipelineConfig, PyramidFirstFrameGenerator
 from ..schedulers import PyramidFlowMatchScheduler
 from .export import GraphSpec, Manifest
 
@@ -54,6 +55,14 @@ class OnnxModule:
                 raise ValueError("The onnxruntime backend runs the graphs in the precision they were exported or "
                                  "quantised in; leave out --dtype.")
         return self
+
+
+class OnnxTorchModule(OnnxModule, torch.nn.Module):
+    """A graph-backed component that diffusers' SDXL pipeline inspects as a torch module (execution device,
+    offloading hooks); it has no parameters."""
+
+    def __init__(self):
+        torch.nn.Module.__init__(self)
 
 
 class OnnxGraph:
@@ -157,17 +166,84 @@ class OnnxFirstFrameGenerator(OnnxModule):
         return self.graph(latents=latents, sigmas=sigmas, tokens=tokens, mask=mask, pooled=pooled)[0]
 
 
+class OnnxPyramidFirstFrameGenerator(OnnxModule):
+    """Frame 0 from the multi-step DiT pair's graphs, sampled by ``PyramidFirstFrameGenerator``'s own loop."""
+
+    first_frame_latents = PyramidFirstFrameGenerator.first_frame_latents
+
+    def __init__(self, transformer: OnnxTransformer, context_adapter: OnnxContextAdapter | None,
+                 num_inference_steps: list[int], guidance_scale: float):
+        self.transformer, self.context_adapter = transformer, context_adapter
+        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
+
+
+class _CLIPOutput(tuple):
+    """What SDXL's prompt encoding reads of a CLIP output: ``[0]`` and ``hidden_states[-2]``."""
+
+    def __new__(cls, output: torch.Tensor, penultimate: torch.Tensor):
+        instance = super().__new__(cls, (output,))
+        instance.hidden_states = (penultimate, output)
+        return instance
+
+
+class OnnxCLIPTextEncoder(OnnxTorchModule):
+    def __init__(self, config: dict, graph: OnnxGraph):
+        super().__init__()
+        self.config, self.graph = FrozenDict(config), graph
+
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = True) -> _CLIPOutput:
+        return _CLIPOutput(*self.graph(input_ids=input_ids))
+
+
+class OnnxSDXLUNet(OnnxTorchModule):
+    """SSD-1B's UNet graph behind the call SDXL's pipeline makes."""
+
+    def __init__(self, config: dict, graph: OnnxGraph):
+        super().__init__()
+        self.config, self.graph = FrozenDict(config), graph
+        # the pipeline checks its time ids + pooled width against the UNet's added-embedding input
+        self.add_embedding = SimpleNamespace(
+            linear_1=SimpleNamespace(in_features=config["projection_class_embeddings_input_dim"]))
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
+                added_cond_kwargs=None, return_dict=False) -> tuple[torch.Tensor]:
+        feeds = {"sample": sample, "timestep": torch.as_tensor(timestep, dtype=torch.float32).expand(len(sample)),
+                 "encoder_hidden_states": encoder_hidden_states, "text_embeds": added_cond_kwargs["text_embeds"],
+                 "time_ids": added_cond_kwargs["time_ids"]}
+        if timestep_cond is not None:
+            feeds["timestep_cond"] = timestep_cond
+        return (self.graph(**feeds)[0],)
+
+
+class OnnxImageVAE(OnnxTorchModule):
+    """SSD-1B's VAE decoder graph."""
+
+    def __init__(self, config: dict, graph: OnnxGraph):
+        super().__init__()
+        self.config, self.graph = FrozenDict(config), graph
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
+        return (self.graph(latents=latents)[0],)
+
+
 class OnnxVAE(OnnxModule):
-    """The VAE decoder graph with the VAE config (latent constants, scales)."""
+    """The VAE decoder graph (and the encoder's, for an SSD-1B first frame) with the VAE config (latent constants,
+    scales)."""
 
     denormalize_latents = AsymmetricCausalVideoVAE.denormalize_latents
     normalize_latents = AsymmetricCausalVideoVAE.normalize_latents
 
-    def __init__(self, config: dict, graph: OnnxGraph):
-        self.config, self.graph = FrozenDict(config), graph
+    def __init__(self, config: dict, decoder: OnnxGraph, encoder: OnnxGraph | None = None):
+        self.config, self.decoder, self.encoder = FrozenDict(config), decoder, encoder
 
     def decode(self, z: torch.Tensor) -> DecoderOutput:
-        return DecoderOutput(sample=self.graph(latents=z)[0])
+        return DecoderOutput(sample=self.decoder(latents=z)[0])
+
+    def encode(self, x: torch.Tensor) -> AutoencoderKLOutput:
+        if self.encoder is None:
+            raise ValueError("This exported folder has no VAE encoder graph (only a hybrid export with an SSD-1B "
+                             "first frame has one).")
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(self.encoder(image=x)[0]))
 
 
 class OnnxSuperResolution(OnnxModule):
@@ -188,25 +264,52 @@ def load_onnx_pipeline(folder: str | Path, threads: int | None = None) -> Neodra
     def component(name: str) -> list[OnnxGraph]:
         return [g for g in graphs.values() if g.spec.component == name]
 
-    configs = {name: json.loads((folder / "configs" / f"{name}.json").read_text()) for name in ("transformer", "vae")}
-    adapter = component("context_adapter")
-    sr = component("super_resolution")
+    def first(name: str) -> OnnxGraph | None:
+        return next(iter(component(name)), None)
+
+    adapter, sr, encoder = first("context_adapter"), first("super_resolution"), first("vae_encoder")
     config = PipelineConfig.load(folder)
-    first_frame = None
-    if component("first_frame"):
-        unet_config = json.loads((folder / "configs" / "first_frame_unet.json").read_text())
-        first_frame = OnnxFirstFrameGenerator(unet_config, component("first_frame")[0], config.first_frame_steps,
-                                              config.first_frame_guidance)
     pipe = NeodragonPipeline(
-        text_encoder=OnnxTextEncoder(folder, component("text_encoder")[0]),
-        context_adapter=OnnxContextAdapter(adapter[0]) if adapter else None,
-        transformer=OnnxTransformer(configs["transformer"], component("transformer")),
-        vae=OnnxVAE(configs["vae"], component("vae_decoder")[0]),
+        text_encoder=OnnxTextEncoder(folder, first("text_encoder")),
+        context_adapter=OnnxContextAdapter(adapter) if adapter else None,
+        transformer=OnnxTransformer(_config(folder, "transformer"), component("transformer")),
+        vae=OnnxVAE(_config(folder, "vae"), first("vae_decoder"), encoder),
         scheduler=PyramidFlowMatchScheduler.from_pretrained(folder / "scheduler"),
-        mode=manifest.mode, super_resolution=OnnxSuperResolution(sr[0]) if sr else None,
-        first_frame_generator=first_frame, pipeline_config=config)
+        mode=manifest.mode, super_resolution=OnnxSuperResolution(sr) if sr else None,
+        first_frame_generator=_first_frame_generator(folder, config, component), pipeline_config=config)
     pipe.onnx_graphs = graphs  # every graph by name (calibration records their feeds)
     return pipe
+
+
+def _config(folder: Path, name: str) -> dict:
+    return json.loads((folder / "configs" / f"{name}.json").read_text())
+
+
+def _first_frame_generator(folder: Path, config: PipelineConfig, component):
+    """Hybrid mode's frame-0 generator from its graphs: latent UNet, pyramid DiT pair or SSD-1B; None without."""
+    if component("first_frame"):
+        return OnnxFirstFrameGenerator(_config(folder, "first_frame_unet"), component("first_frame")[0],
+                                       config.first_frame_steps, config.first_frame_guidance)
+    if component("first_frame_transformer"):
+        adapter = component("first_frame_context_adapter")
+        defaults = config.modes["monolithic"]  # as PyramidFirstFrameGenerator.from_pretrained samples it
+        return OnnxPyramidFirstFrameGenerator(
+            OnnxTransformer(_config(folder, "first_frame_transformer"), component("first_frame_transformer")),
+            OnnxContextAdapter(adapter[0]) if adapter else None, defaults.num_inference_steps,
+            defaults.guidance_scale)
+    if component("first_frame_unet"):
+        text_encoders = sorted(component("first_frame_text_encoder"), key=lambda g: g.spec.name)
+        encoder_2_config = _config(folder, SSD1B_SUBFOLDERS["text_encoder_2"])
+        parts = {
+            "text_encoder": OnnxCLIPTextEncoder({}, text_encoders[0]),
+            "text_encoder_2": OnnxCLIPTextEncoder(encoder_2_config, text_encoders[1]),
+            "unet": OnnxSDXLUNet(_config(folder, SSD1B_SUBFOLDERS["unet"]), component("first_frame_unet")[0]),
+            "vae": OnnxImageVAE(_config(folder, SSD1B_SUBFOLDERS["vae"]), component("first_frame_vae_decoder")[0]),
+            **{name: AutoTokenizer.from_pretrained(folder / "tokenizers" / SSD1B_SUBFOLDERS[name])
+               for name in ("tokenizer", "tokenizer_2")}}
+        return SSD1BFirstFrameGenerator.from_parts(parts, image_height=config.first_frame_height,
+                                                   image_width=config.first_frame_width)
+    return None
 
 
 def is_exported_folder(path: str | Path) -> bool:

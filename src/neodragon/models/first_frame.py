@@ -59,7 +59,7 @@ class SSD1BFirstFrameGenerator:
     def from_pretrained(cls, root: str | Path, torch_dtype: torch.dtype | None = None,
                         **kwargs) -> SSD1BFirstFrameGenerator:
         """Load the ``ssd_1b_*`` sub-folders of a Neodragon checkpoint folder."""
-        from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         root = Path(root)
@@ -73,6 +73,14 @@ class SSD1BFirstFrameGenerator:
             parts[name] = loader.from_pretrained(root / SSD1B_SUBFOLDERS[name], dtype=torch_dtype)
         for name in ("tokenizer", "tokenizer_2"):
             parts[name] = AutoTokenizer.from_pretrained(root / SSD1B_SUBFOLDERS[name])
+        return cls.from_parts(parts, **kwargs)
+
+    @classmethod
+    def from_parts(cls, parts: dict, **kwargs) -> SSD1BFirstFrameGenerator:
+        """SDXL's pipeline with the reference LCM scheduler around ``parts`` (vae, unet, text_encoder(_2),
+        tokenizer(_2)): the PyTorch models, or the ONNX Runtime graphs of an exported folder."""
+        from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
         scheduler = LCMScheduler(set_alpha_to_one=False, original_inference_steps=4, steps_offset=1)
         pipe = StableDiffusionXLPipeline(scheduler=scheduler, force_zeros_for_empty_prompt=True,
                                          add_watermarker=False, **parts)
