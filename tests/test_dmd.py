@@ -131,3 +131,32 @@ def test_official_layout_prunes_recovers_and_distils_under_fsdp(tmp_path):
     assert pipe.transformer.config.num_layers == 3
     video = pipe("a red circle", num_frames=9, generator=torch.Generator().manual_seed(0), output_type="pt").frames
     assert torch.isfinite(video).all()
+
+
+def test_hybrid_export_makes_frame_0_with_the_teacher_and_later_frames_with_the_generator(tmp_path):
+    from typer.testing import CliRunner
+
+    from neodragon.cli import app
+    from neodragon.presets import checkpoint_folder
+    from neodragon.recipes.prune import DIT
+
+    generator = PyramidMMDiT.from_pretrained(checkpoint_folder("nano") / DIT)
+    with torch.no_grad():
+        generator.proj_out.bias.add_(0.1)  # tell the two DiTs apart
+    generator.save_pretrained(tmp_path / "generator")
+    result = CliRunner().invoke(app, ["distill", "hybrid", "--teacher", "nano", "--generator",
+                                      str(tmp_path / "generator"), "-o", str(tmp_path / "hybrid"),
+                                      "--first-frame-steps", "2"])
+    assert result.exit_code == 0, result.output
+    pipe = NeodragonPipeline.from_pretrained(tmp_path / "hybrid")
+    assert pipe.mode == "hybrid"
+    # the generator, stored in the teacher's dtype (fp16 in the bundle)
+    assert torch.equal(pipe.transformer.proj_out.bias, generator.proj_out.bias.half().float())
+    teacher_calls, generator_calls = [], []
+    pipe.first_frame_generator.transformer.register_forward_hook(
+        lambda module, args, output: teacher_calls.append(args[1].shape[0]))
+    pipe.transformer.register_forward_hook(lambda module, args, output: generator_calls.append(args[1].shape[0]))
+    video = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    assert video.shape == (1, 17, 3, 128, 128) and torch.isfinite(video).all()
+    assert teacher_calls == [2] * 6  # frame 0: 2 steps x 3 stages, CFG (negative + prompt rows)
+    assert generator_calls == [1] * 6  # latent frames 1-2: 1 step x 3 stages, no CFG

@@ -144,3 +144,22 @@ def steps(teacher: str = typer.Option(..., "--teacher", help="A checkpoint folde
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+def hybrid(teacher: str = typer.Option(..., "--teacher", help="The checkpoint folder `distill steps` distilled from: "
+                                       "its multistep DiT makes frame 0."),
+           generator: Path = typer.Option(..., "--generator", help="The DMD generator: final/ of `distill steps`."),
+           output: Path = OUTPUT,
+           first_frame_steps: int = typer.Option(20, "--first-frame-steps", min=1, help="Steps per stage of frame 0."),
+           first_frame_guidance: float = typer.Option(None, "--first-frame-guidance", help="CFG scale of frame 0 "
+                                                      "(default: the teacher's).")) -> None:
+    """Hybrid mode for a step-distilled DiT (the release's two-DiT layout): frame 0 from the teacher's multistep DiT
+    with CFG, the later frames from the generator in one step per stage."""
+    from ..recipes.distill_steps import export_hybrid_distilled
+
+    try:
+        out = export_hybrid_distilled(teacher, generator, output, first_frame_steps, first_frame_guidance)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        fail(str(err))
+    typer.echo(f"wrote {out}")

@@ -5,6 +5,8 @@ the generator as its DiT, sampled 1-1-1 without CFG by default (4-4-4 with ``--s
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -12,12 +14,14 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from ..models.mmdit import PyramidMMDiT
-from ..pipelines.neodragon import PipelineConfig
+from ..pipelines.neodragon import SUBFOLDERS, ModeDefaults, PipelineConfig
 from ..training.dmd import DMDConfig, dmd_losses
 from ..training.flow_matching import FlowMatchingConfig, flow_matching_batches
 from ..training.latents import CaptionEncodings, LatentCache, PipelineConditioning
 from ..training.trainer import TrainConfig, Trainer, cpu_only
-from .prune import copy_with_dit, dit_checkpoint, monolithic_pipeline
+from ..utils.checkpoint import strip_machine_paths
+from ..utils.video import atomic_folder
+from .prune import DIT, copy_with_dit, dit_checkpoint, monolithic_pipeline, stored_dtype
 
 RECORD_FILE = "step_distillation.json"
 
@@ -77,3 +81,34 @@ def export_distilled(teacher: Path, dit_dir: Path, out: Path, record: dict) -> P
                        guidance_scale=0.0, video_guidance_scale=0.0)
     config = replace(config, default_mode="monolithic", modes={**config.modes, "monolithic": one_step})
     return copy_with_dit(teacher, PyramidMMDiT.from_pretrained(dit_dir), out, {RECORD_FILE: record}, pipeline=config)
+
+
+def export_hybrid_distilled(teacher: str | Path, dit_dir: str | Path, out: str | Path, first_frame_steps: int = 20,
+                            first_frame_guidance: float | None = None) -> Path:
+    """The release's two-DiT layout: ``teacher``'s folder, whose multistep pair makes frame 0 (``first_frame:
+    pyramid_dit``, ``first_frame_steps`` per stage with CFG ``first_frame_guidance``, by default the teacher's
+    frame-0 scale), with the distilled DiT of ``dit_dir`` as the hybrid pair, 1-1-1 without CFG from frame 1, and
+    hybrid mode as the default. The DMD generator was trained on the teacher's ContextAdapter, so the hybrid pair
+    gets a copy of it."""
+    folder, out = dit_checkpoint(teacher), Path(out)
+    config = PipelineConfig.load(folder)
+    frame0 = config.modes["monolithic"]
+    guidance = frame0.guidance_scale if first_frame_guidance is None else first_frame_guidance
+    modes = {"hybrid": ModeDefaults([1, 1, 1], [1, 1, 1], 0.0, 0.0),
+             "monolithic": replace(frame0, num_inference_steps=[first_frame_steps] * 3, guidance_scale=guidance)}
+    config = replace(config, default_mode="hybrid", first_frame="pyramid_dit", hybrid_dit="distilled", modes=modes)
+    adapter = folder / SUBFOLDERS["monolithic", "context_adapter"]
+    with atomic_folder(out, overwrite=True) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(*(SUBFOLDERS["hybrid", part]
+                                                        for part in ("transformer", "context_adapter"))))
+        dit = PyramidMMDiT.from_pretrained(dit_dir).to(stored_dtype(folder / DIT))
+        dit.save_pretrained(tmp / SUBFOLDERS["hybrid", "transformer"])
+        if adapter.is_dir():
+            shutil.copytree(adapter, tmp / SUBFOLDERS["hybrid", "context_adapter"])
+        config.save(tmp)
+        record = {"teacher": str(teacher), "generator": str(dit_dir), "first_frame_steps": first_frame_steps,
+                  "first_frame_guidance": guidance}
+        (tmp / "hybrid_distillation.json").write_text(json.dumps(record, indent=1) + "\n")
+        strip_machine_paths(tmp)
+    return out
