@@ -450,15 +450,19 @@ class TAEHVDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         n, c, t, h, w = z.shape
         x = z.transpose(1, 2).reshape(n * t, c, h, w)
-        for block in self.blocks:
+        # every block after the last TGrow works frame by frame, so the frames before the first output frame are
+        # dropped there rather than at the end: the full-resolution convolutions skip them
+        last_grow = max(i for i, block in enumerate(self.blocks) if isinstance(block, TGrow))
+        for index, block in enumerate(self.blocks):
             if isinstance(block, MemBlock):
                 frames = x.reshape(n, -1, *x.shape[1:])
                 past = torch.cat([torch.zeros_like(frames[:, :1]), frames[:, :-1]], dim=1)
                 x = block(x, past.reshape(x.shape))
             else:
                 x = block(x)
-        x = x.reshape(n, -1, *x.shape[1:])[:, self.frames_to_trim :]
-        return x.transpose(1, 2)
+            if index == last_grow:
+                x = x.reshape(n, -1, *x.shape[1:])[:, self.frames_to_trim :].flatten(0, 1)
+        return x.reshape(n, -1, *x.shape[1:]).transpose(1, 2)
 
 
 LATENT_STATISTICS = ("image_latent_shift", "image_latent_scale", "video_latent_shift", "video_latent_scale")
