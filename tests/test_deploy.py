@@ -242,3 +242,19 @@ def test_hybrid_mode_with_the_pyramid_dit_first_frame(tmp_path):
             - _video(NeodragonPipeline.from_pretrained(model))).abs().max() < 2e-3
     feeds = record_feeds(tmp_path / "fp32", [PROMPT])
     assert len(feeds["first_frame_transformer_f0_s0"]) == 2 * 2  # 2 steps x (negative, prompt): CFG 3 on frame 0
+
+
+def test_ssd1b_unet_with_a_guidance_embedding(tmp_path):
+    """An LCM-distilled SDXL UNet embeds the guidance scale (``time_cond_proj_dim``): the graph takes it as an
+    input and the runtime feeds what SDXL's pipeline computes."""
+    from diffusers import UNet2DConditionModel
+
+    model = create_random_checkpoint(_hybrid_preset(), tmp_path / "model")
+    config = {k: v for k, v in UNet2DConditionModel.load_config(model / "ssd_1b_unet").items()
+              if not k.startswith("_")}
+    torch.manual_seed(1)
+    UNet2DConditionModel(**{**config, "time_cond_proj_dim": 8}).save_pretrained(model / "ssd_1b_unet")
+    manifest = export_model(model, tmp_path / "fp32")
+    assert manifest.graphs["first_frame_unet"].inputs[-1].name == "timestep_cond"
+    assert (_video(load_onnx_pipeline(tmp_path / "fp32"))
+            - _video(NeodragonPipeline.from_pretrained(model))).abs().max() < 2e-3
