@@ -62,7 +62,6 @@ def measure_pipeline(model: str, backend: str, threads: int, repeats: int) -> di
     return {"total_s": statistics.median(times), "peak_rss_gib": peak_rss_gib()}
 
 
-
 def graph_latencies(fp32: Path, quantised: Path, threads: int) -> dict[str, dict[str, float]]:
     """Median ms per call of every graph, fp32 and quantised, on the inputs it gets for a held-out prompt."""
     from neodragon.deploy.export import Manifest

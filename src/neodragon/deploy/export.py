@@ -34,6 +34,7 @@ OPSET = 21  # 16-bit QuantizeLinear/DequantizeLinear are standard ONNX ops from 
 ATOL, RTOL = 1e-4, 1e-3
 # Above this many bytes of weights a graph keeps them in a side file (protobuf's 2 GiB limit).
 EXTERNAL_DATA_BYTES = 1 << 30
+SAMPLE_PROMPT = "a red circle moving to the right"  # the inputs graphs are exported and checked with
 
 
 @dataclass
@@ -235,7 +236,7 @@ def export_model(model: str | Path, out: str | Path, mode: str | None = None, nu
 @torch.no_grad()
 def _export_graphs(pipe: NeodragonPipeline, folder: Path, num_frames: int, height: int,
                    width: int) -> list[GraphSpec]:
-    text_inputs = pipe.text_encoder.tokenize(["a red circle moving to the right"])
+    text_inputs = pipe.text_encoder.tokenize([SAMPLE_PROMPT])
     pooled_ids = text_inputs["pooled_ids"]
     names = ["input_ids", "attention_mask", *(f"pooled_ids_{i}" for i in range(len(pooled_ids)))]
     text_args = (text_inputs["input_ids"], text_inputs["attention_mask"], *pooled_ids)
@@ -276,6 +277,7 @@ def _export_first_frame(pipe: NeodragonPipeline, folder: Path, encoding, height:
     down = pipe.vae.config.spatial_downsample_scale
     latents = torch.randn(1, unet.unet.config.in_channels, height // down, width // down, generator=generator)
     args = (latents, torch.tensor([0.5]), encoding.tokens.float(), encoding.mask, encoding.pooled.float())
+    _save_config(folder, "first_frame_unet", unet.unet)
     return export_graph(unet, args, ["latents", "sigmas", "tokens", "mask", "pooled"], ["velocity"], folder,
                         "first_frame", "first_frame")
 
@@ -290,6 +292,7 @@ def _export_pyramid_first_frame(pipe: NeodragonPipeline, folder: Path, encoding,
                                    "first_frame_context_adapter", "first_frame_context_adapter"))
         context = first_frame.context_adapter(context)
     calls = dit_schedule(pipe, 1, height, width, units=range(1))
+    _save_config(folder, "first_frame_transformer", first_frame.transformer)
     return graphs + _export_dit(first_frame.transformer, folder, context, encoding, calls, "first_frame_transformer",
                                 generator)
 
@@ -313,14 +316,18 @@ def _export_ssd1b(pipe: NeodragonPipeline, folder: Path, height: int, width: int
     """SSD-1B's two CLIPs, its UNet (one call at the image size) and its VAE decoder, plus the video VAE's encoder
     that turns the image into frame 0's latent (the paper's "VAE encoder" graph)."""
     sdxl = pipe.first_frame_generator.pipe
+    for name in ("unet", "vae", "text_encoder_2"):
+        _save_config(folder, SSD1B_SUBFOLDERS[name], getattr(sdxl, name))
+    for name in ("tokenizer", "tokenizer_2"):
+        getattr(sdxl, name).save_pretrained(folder / "tokenizers" / SSD1B_SUBFOLDERS[name])
     graphs = []
     for index, (tokenizer, encoder) in enumerate(((sdxl.tokenizer, sdxl.text_encoder),
                                                    (sdxl.tokenizer_2, sdxl.text_encoder_2))):
-        ids = tokenizer(["a red circle moving to the right"], padding="max_length", truncation=True,
+        ids = tokenizer([SAMPLE_PROMPT], padding="max_length", truncation=True,
                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         graphs.append(export_graph(CLIPGraph(encoder), (ids,), ["input_ids"], ["output", "penultimate"], folder,
                                    f"first_frame_text_encoder_{index + 1}", "first_frame_text_encoder"))
-    embeds, _, pooled, _ = sdxl.encode_prompt("a red circle moving to the right", device="cpu",
+    embeds, _, pooled, _ = sdxl.encode_prompt(SAMPLE_PROMPT, device="cpu",
                                               do_classifier_free_guidance=False)
     image_height, image_width = pipe.first_frame_generator.image_height, pipe.first_frame_generator.image_width
     scale, unet = sdxl.vae_scale_factor, sdxl.unet
@@ -412,22 +419,16 @@ def _save_runtime_files(pipe: NeodragonPipeline, folder: Path, config: PipelineC
         {"max_sequence_length": text.max_sequence_length, "pooled_tokenizers": len(pooled)}, indent=1) + "\n")
     pipe.scheduler.save_pretrained(folder / "scheduler")
     config.save(folder)  # its size is the exported one
-    modules = [("transformer", pipe.transformer), ("vae", pipe.vae)]
-    first_frame = pipe.first_frame_generator
-    if isinstance(first_frame, LatentFirstFrameGenerator):
-        modules.append(("first_frame_unet", first_frame.unet))
-    elif isinstance(first_frame, PyramidFirstFrameGenerator):
-        modules.append(("first_frame_transformer", first_frame.transformer))
-    elif isinstance(first_frame, SSD1BFirstFrameGenerator):
-        sdxl = first_frame.pipe
-        modules += [(SSD1B_SUBFOLDERS[name], getattr(sdxl, name)) for name in ("unet", "vae", "text_encoder_2")]
-        for name in ("tokenizer", "tokenizer_2"):
-            getattr(sdxl, name).save_pretrained(folder / "tokenizers" / SSD1B_SUBFOLDERS[name])
-    (folder / "configs").mkdir()
-    for name, module in modules:
-        # diffusers models carry their config, transformers models a PretrainedConfig
-        text = module.to_json_string() if isinstance(module, ConfigMixin) else module.config.to_json_string()
-        (folder / "configs" / f"{name}.json").write_text(text)
+    for name, module in (("transformer", pipe.transformer), ("vae", pipe.vae)):
+        _save_config(folder, name, module)
+
+
+def _save_config(folder: Path, name: str, module: nn.Module) -> None:
+    """``configs/<name>.json``: a model's config (its shapes and constants; no weights) for the runtime."""
+    (folder / "configs").mkdir(exist_ok=True)
+    # diffusers models carry their config, transformers models a PretrainedConfig
+    text = module.to_json_string() if isinstance(module, ConfigMixin) else module.config.to_json_string()
+    (folder / "configs" / f"{name}.json").write_text(text)
 
 
 def copy_runtime_files(source: Path, target: Path) -> None:

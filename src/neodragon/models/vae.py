@@ -446,13 +446,13 @@ class TAEHVDecoder(nn.Module):
         layers += [nn.ReLU(), _conv3x3(n[3], out_channels)]
         self.blocks = nn.Sequential(*layers)
         self.frames_to_trim = 2 ** sum(bool(u) for u in time_upscale) - 1
+        # every block after the last TGrow works frame by frame, so the frames before the first output frame are
+        # dropped there rather than at the end: the full-resolution convolutions skip them
+        self.trim_after = max(i for i, block in enumerate(self.blocks) if isinstance(block, TGrow))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         n, c, t, h, w = z.shape
         x = z.transpose(1, 2).reshape(n * t, c, h, w)
-        # every block after the last TGrow works frame by frame, so the frames before the first output frame are
-        # dropped there rather than at the end: the full-resolution convolutions skip them
-        last_grow = max(i for i, block in enumerate(self.blocks) if isinstance(block, TGrow))
         for index, block in enumerate(self.blocks):
             if isinstance(block, MemBlock):
                 frames = x.reshape(n, -1, *x.shape[1:])
@@ -460,7 +460,7 @@ class TAEHVDecoder(nn.Module):
                 x = block(x, past.reshape(x.shape))
             else:
                 x = block(x)
-            if index == last_grow:
+            if index == self.trim_after:
                 x = x.reshape(n, -1, *x.shape[1:])[:, self.frames_to_trim :].flatten(0, 1)
         return x.reshape(n, -1, *x.shape[1:]).transpose(1, 2)
 

@@ -5,7 +5,6 @@ the generator as its DiT, sampled 1-1-1 without CFG by default (4-4-4 with ``--s
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,11 +18,10 @@ from ..training.dmd import DMDConfig, dmd_losses
 from ..training.flow_matching import FlowMatchingConfig, flow_matching_batches
 from ..training.latents import CaptionEncodings, LatentCache, PipelineConditioning
 from ..training.trainer import TrainConfig, Trainer, cpu_only
-from ..utils.checkpoint import strip_machine_paths
-from ..utils.video import atomic_folder
-from .prune import DIT, copy_with_dit, dit_checkpoint, monolithic_pipeline, stored_dtype
+from .prune import copy_with_dit, dit_checkpoint, monolithic_pipeline
 
 RECORD_FILE = "step_distillation.json"
+HYBRID_RECORD_FILE = "hybrid_distillation.json"
 
 
 def distill_steps(config: TrainConfig, teacher: str | Path, latents_dir: str | Path | list[str | Path],
@@ -90,7 +88,7 @@ def export_hybrid_distilled(teacher: str | Path, dit_dir: str | Path, out: str |
     frame-0 scale), with the distilled DiT of ``dit_dir`` as the hybrid pair, 1-1-1 without CFG from frame 1, and
     hybrid mode as the default. The DMD generator was trained on the teacher's ContextAdapter, so the hybrid pair
     gets a copy of it."""
-    folder, out = dit_checkpoint(teacher), Path(out)
+    folder = dit_checkpoint(teacher)
     config = PipelineConfig.load(folder)
     frame0 = config.modes["monolithic"]
     guidance = frame0.guidance_scale if first_frame_guidance is None else first_frame_guidance
@@ -98,17 +96,9 @@ def export_hybrid_distilled(teacher: str | Path, dit_dir: str | Path, out: str |
              "monolithic": replace(frame0, num_inference_steps=[first_frame_steps] * 3, guidance_scale=guidance)}
     config = replace(config, default_mode="hybrid", first_frame="pyramid_dit", hybrid_dit="distilled", modes=modes)
     adapter = folder / SUBFOLDERS["monolithic", "context_adapter"]
-    with atomic_folder(out, overwrite=True) as tmp:
-        shutil.copytree(folder, tmp, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(*(SUBFOLDERS["hybrid", part]
-                                                        for part in ("transformer", "context_adapter"))))
-        dit = PyramidMMDiT.from_pretrained(dit_dir).to(stored_dtype(folder / DIT))
-        dit.save_pretrained(tmp / SUBFOLDERS["hybrid", "transformer"])
-        if adapter.is_dir():
-            shutil.copytree(adapter, tmp / SUBFOLDERS["hybrid", "context_adapter"])
-        config.save(tmp)
-        record = {"teacher": str(teacher), "generator": str(dit_dir), "first_frame_steps": first_frame_steps,
-                  "first_frame_guidance": guidance}
-        (tmp / "hybrid_distillation.json").write_text(json.dumps(record, indent=1) + "\n")
-        strip_machine_paths(tmp)
-    return out
+    hybrid_pair = (SUBFOLDERS["hybrid", "transformer"], SUBFOLDERS["hybrid", "context_adapter"])
+    record = {"teacher": str(teacher), "generator": str(dit_dir), "first_frame_steps": first_frame_steps,
+              "first_frame_guidance": guidance}
+    return copy_with_dit(folder, PyramidMMDiT.from_pretrained(dit_dir), Path(out), {HYBRID_RECORD_FILE: record},
+                         ignore=shutil.ignore_patterns(*hybrid_pair), pipeline=config, subfolder=hybrid_pair[0],
+                         copies={hybrid_pair[1]: adapter} if adapter.is_dir() else None)

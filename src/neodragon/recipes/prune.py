@@ -175,14 +175,19 @@ def apply_pruning(model: str | Path, drop: Sequence[int], out_dir: str | Path) -
 
 def copy_with_dit(source: Path, dit: PyramidMMDiT, out: Path, records: dict[str, dict],
                   ignore: Callable[[str, list[str]], list[str]] | None = None,
-                  pipeline: PipelineConfig | None = None) -> Path:
-    """``source`` copied to ``out`` with ``dit`` as its multistep DiT (in the dtype ``source`` stores it in), each of
+                  pipeline: PipelineConfig | None = None, subfolder: str = DIT,
+                  copies: dict[str, Path] | None = None) -> Path:
+    """``source`` copied to ``out`` with ``dit`` as its DiT in ``subfolder`` (by default the multistep one; in the
+    dtype ``source`` stores its multistep DiT in), the folders of ``copies`` copied in under their names, each of
     ``records`` written as a JSON file and, if given, another ``pipeline`` config; written atomically
     (``atomic_folder``), so an interrupted write leaves no half-written checkpoint."""
     with atomic_folder(out, overwrite=True) as tmp:
         shutil.copytree(source, tmp, ignore=ignore, dirs_exist_ok=True)
-        shutil.rmtree(tmp / DIT)
-        dit.to(stored_dtype(source / DIT)).save_pretrained(tmp / DIT)
+        shutil.rmtree(tmp / subfolder, ignore_errors=True)
+        dit.to(stored_dtype(source / DIT)).save_pretrained(tmp / subfolder)
+        for name, folder in (copies or {}).items():
+            shutil.rmtree(tmp / name, ignore_errors=True)
+            shutil.copytree(folder, tmp / name)
         for name, record in records.items():
             (tmp / name).write_text(json.dumps(record, indent=1) + "\n")
         if pipeline is not None:
