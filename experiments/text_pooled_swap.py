@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("donor")
     parser.add_argument("--prompt-set", default="nano-eval")
+    parser.add_argument("--seed-offset", type=int, default=0, help="added to every prompt's seed, as in `eval run`")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     pipe, donor = load_pipeline(args.model), load_pipeline(args.donor)
@@ -37,11 +38,11 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
 
     def generate(caption: str, seed: int) -> torch.Tensor:
-        return pipe(caption, generator=torch.Generator().manual_seed(seed), output_type="pt").frames[0]
+        return pipe(caption, generator=torch.Generator().manual_seed(seed + args.seed_offset), output_type="pt").frames[0]
 
     results = evaluate(generate, load_prompt_set(args.prompt_set), load_judge(None))
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "pooled_from": args.donor, **results}, f, indent=1)
+        json.dump({"model": args.model, "pooled_from": args.donor, "seed_offset": args.seed_offset, **results}, f, indent=1)
     print({k: round(v, 4) for k, v in results["generated"].items() if isinstance(v, float)})
 
 

@@ -115,6 +115,17 @@ def test_modes_train_what_they_say(minilm_tokenizer):
         TextDistillation(text, adapter, "extend")
 
 
+def test_pooled_weight_scales_only_the_pooled_term(minilm_tokenizer):
+    prompts = ["a red circle moving left", "a blue square"]
+    text, adapter = _student(minilm_tokenizer, prompts)
+    batch = {**text.tokenize(prompts), "target_tokens": torch.randn(2, 32, 128), "target_pooled": torch.randn(2, 384)}
+    with torch.no_grad():
+        plain = TextDistillation(text, adapter)(batch)
+        weighted = TextDistillation(text, adapter, pooled_weight=10.0)(batch)
+    torch.testing.assert_close(weighted["pooled"], plain["pooled"])
+    torch.testing.assert_close(weighted["loss"], plain["tokens"] + 10.0 * plain["pooled"])
+
+
 def test_trajectory_term_is_zero_for_the_teachers_own_conditioning(tmp_path):
     """States recorded while a teacher samples, replayed through the DiT without its context embedder with the
     teacher's conditioning, give back the recorded velocities."""

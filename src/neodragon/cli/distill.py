@@ -82,6 +82,8 @@ def text_encoder(teacher: str = typer.Option("nano", "--teacher", help="The mode
                                                          "teacher conditioning along the teacher's sampling path."),
                  trajectory_prompts: int = typer.Option(256, "--trajectory-prompts", help="Prompts whose sampling "
                                                         "path is recorded for the trajectory term."),
+                 pooled_weight: float = typer.Option(1.0, "--pooled-weight", help="Weight of the pooled vector's "
+                                                     "loss against the conditioning tokens' loss."),
                  prompts_file: Path = typer.Option(None, "--prompts-file", help="Distil on these prompts (one per "
                                                    "line) instead of ShapesWorld's caption grammar."),
                  cache_targets: bool = typer.Option(True, "--cache-targets/--online-targets", help="Compute the "
@@ -105,7 +107,7 @@ def text_encoder(teacher: str = typer.Option("nano", "--teacher", help="The mode
         raise typer.BadParameter(f"--prompts-file {prompts_file} does not exist")
     metrics = distill_text_encoder(train_config(output, steps, batch_size, lr, save_every, seed, 100, max_minutes),
                                    teacher, mode, sizes[student](), prompts, init_text_encoder, trajectory_weight,
-                                   trajectory_prompts, prompts_file, cache_targets)
+                                   trajectory_prompts, prompts_file, cache_targets, pooled_weight)
     if metrics:
         typer.echo(json.dumps(metrics, indent=2))
 

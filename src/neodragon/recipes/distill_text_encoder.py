@@ -40,7 +40,7 @@ def distill_text_encoder(config: TrainConfig, teacher: str | Path = "nano", mode
                          student: StudentTextConfig | None = None, num_prompts: int = 20000,
                          init_text_encoder: str | Path | None = None, trajectory_weight: float = 0.0,
                          trajectory_prompts: int = 256, prompts_file: str | Path | None = None,
-                         cache_targets: bool = True) -> dict:
+                         cache_targets: bool = True, pooled_weight: float = 1.0) -> dict:
     """Distil the teacher's text stack into the student on prompts alone: ``num_prompts`` prompts of ShapesWorld's
     caption grammar, or the lines of ``prompts_file`` (never the evaluation prompts). ``cache_targets`` computes
     the teacher's conditioning of every prompt once (fine for the nano corpus); without it the teacher runs on each
@@ -65,7 +65,7 @@ def distill_text_encoder(config: TrainConfig, teacher: str | Path = "nano", mode
     adapter = ContextAdapter(**student.adapter_config(dit_width, text.token_dim))
     transformer = without_context_embedder(pipe.transformer).to(accelerator.device) if trajectory_weight else None
     objective = TextDistillation(text, adapter, mode, transformer, trajectory_weight,
-                                 train_pooled=init_text_encoder is None)
+                                 train_pooled=init_text_encoder is None, pooled_weight=pooled_weight)
     cached = _teacher_targets(pipe, prompts, output / TARGETS_FILE, accelerator) if cache_targets else None
     bank = _trajectory_bank(pipe, prompts[1 : 1 + trajectory_prompts], config.seed) if trajectory_weight else None
 
@@ -92,7 +92,7 @@ def distill_text_encoder(config: TrainConfig, teacher: str | Path = "nano", mode
         distilled = trainer.unwrap("objective").eval()
         metrics = _held_out_errors(pipe, distilled)
         metrics.update(_parameter_counts(pipe, distilled), mode=mode, prompts=num_prompts,
-                       trajectory_weight=trajectory_weight)
+                       trajectory_weight=trajectory_weight, pooled_weight=pooled_weight)
         final = output / "final"
         distilled.text.save_pretrained(final)
         distilled.adapter.save_pretrained(final / SUBFOLDERS[pipe.mode, "context_adapter"])

@@ -83,11 +83,11 @@ class TextDistillation(nn.Module):
     ``train_pooled`` (new ones must; the release's CLIPs, kept from the teacher, need not). With ``transformer``
     (the frozen DiT without its context_embedder) and ``trajectory_weight`` > 0, the batch's recorded teacher states
     add the trajectory term: MSE between the DiT's velocity under the student's conditioning and the teacher's
-    recorded velocity."""
+    recorded velocity. ``pooled_weight`` scales the pooled vector's term against the tokens'."""
 
     def __init__(self, text: TextEncoderBundle, adapter: ContextAdapter, mode: str = "trainable-dt5",
                  transformer: PyramidMMDiT | None = None, trajectory_weight: float = 0.0,
-                 train_pooled: bool = True):
+                 train_pooled: bool = True, pooled_weight: float = 1.0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
@@ -96,7 +96,7 @@ class TextDistillation(nn.Module):
         self.text, self.adapter, self.mode, self.trajectory_weight = text, adapter, mode, trajectory_weight
         self.text.token_encoder.requires_grad_(mode == "trainable-dt5")
         self.text.pooled_encoders.requires_grad_(train_pooled)
-        self.train_pooled = train_pooled
+        self.train_pooled, self.pooled_weight = train_pooled, pooled_weight
         # a tuple keeps the frozen DiT out of the module tree: out of checkpoints, so a run resumes with or
         # without the trajectory term (the caller puts it on the training device)
         self._frozen = (transformer.eval().requires_grad_(False),) if transformer is not None else ()
@@ -120,7 +120,7 @@ class TextDistillation(nn.Module):
         student = self.condition(batch["pooled_ids"], batch["input_ids"], batch["attention_mask"])
         tokens = conditioning_loss(student.tokens, batch["target_tokens"], student.mask)
         pooled = conditioning_loss(student.pooled, batch["target_pooled"])
-        terms = {"loss": tokens + pooled, "tokens": tokens.detach(), "pooled": pooled.detach()}
+        terms = {"loss": tokens + self.pooled_weight * pooled, "tokens": tokens.detach(), "pooled": pooled.detach()}
         if self.trajectory_weight and "trajectory" in batch:
             trajectory = self.trajectory_loss(student, batch["trajectory"])
             terms["loss"] = terms["loss"] + self.trajectory_weight * trajectory
