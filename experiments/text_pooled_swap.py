@@ -38,11 +38,13 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
 
     def generate(caption: str, seed: int) -> torch.Tensor:
-        return pipe(caption, generator=torch.Generator().manual_seed(seed + args.seed_offset), output_type="pt").frames[0]
+        generator = torch.Generator().manual_seed(seed + args.seed_offset)
+        return pipe(caption, generator=generator, output_type="pt").frames[0]
 
     results = evaluate(generate, load_prompt_set(args.prompt_set), load_judge(None))
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "pooled_from": args.donor, "seed_offset": args.seed_offset, **results}, f, indent=1)
+        record = {"model": args.model, "pooled_from": args.donor, "seed_offset": args.seed_offset, **results}
+        json.dump(record, f, indent=1)
     print({k: round(v, 4) for k, v in results["generated"].items() if isinstance(v, float)})
 
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import run_two_processes
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from neodragon.cli import app
@@ -183,6 +184,11 @@ def test_one_step_writes_the_student_and_the_checkpoint(run):
         assert (checkpoint / name).is_dir(), name
     assert not (checkpoint / "text_encoder" / "sentence_encoder.json").exists()
     assert json.loads((checkpoint / DIT / "config.json").read_text())["use_context_embedder"] is False
+    student = [*checkpoint.glob("text_encoder*/*.safetensors"), *checkpoint.glob("context_adapter*/*.safetensors")]
+    assert len(student) == 4
+    for weights in student:  # stored fp16, for bundling
+        with safe_open(str(weights), "pt") as handle:
+            assert {handle.get_slice(key).get_dtype() for key in handle.keys()} == {"F16"}, weights  # noqa: SIM118
 
 
 def test_resume_continues_from_the_checkpoint(run, tmp_path):
@@ -199,6 +205,7 @@ def test_exported_checkpoint_loads_and_generates(run):
     pipe = NeodragonPipeline.from_pretrained(folder / "checkpoint")
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.text_encoder, TextEncoderBundle) and pipe.context_adapter is not None
+    assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.float32}  # fp16 on disk, float32 loaded
     assert pipe.transformer.context_embedder is None
     frames = pipe("a red circle moving to the right", num_frames=9, num_inference_steps=1, output_type="np",
                   generator=torch.Generator().manual_seed(0)).frames

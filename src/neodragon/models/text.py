@@ -299,8 +299,11 @@ class TextEncoderBundle(nn.Module):
         torch_dtype: torch.dtype | None = None,
         max_sequence_length: int | None = None,
     ) -> TextEncoderBundle:
-        """Load tokenizers and encoders from ``root/<sub-folder>`` (the official Neodragon layout by default)."""
+        """Load tokenizers and encoders from ``root/<sub-folder>`` (the official Neodragon layout by default), in
+        float32 unless ``torch_dtype`` says otherwise, as diffusers loads the other components (transformers would
+        keep the stored dtype: fp16 for a bundled student)."""
         root = Path(root)
+        torch_dtype = torch_dtype or torch.float32
         for name in [*(n for pair in subfolders for n in pair), *token_subfolders]:
             if not (root / name).is_dir():
                 raise FileNotFoundError(

@@ -217,9 +217,11 @@ def _parameter_counts(pipe: NeodragonPipeline, distilled: TextDistillation) -> d
             "compression": round(teacher / student, 2)}
 
 
-def export_with_text_encoder(checkpoint: str | Path, text_dir: str | Path, out_dir: str | Path, mode: str) -> Path:
-    """``checkpoint`` copied to ``out_dir`` with the student text stack and ContextAdapter of ``text_dir`` in place
-    of its text encoder, and its ``mode`` DiT without the ``context_embedder`` the adapter replaces."""
+def export_with_text_encoder(checkpoint: str | Path, text_dir: str | Path, out_dir: str | Path, mode: str,
+                             dtype: torch.dtype = torch.float16) -> Path:
+    """``checkpoint`` copied to ``out_dir`` with the student text stack and ContextAdapter of ``text_dir`` (cast to
+    ``dtype``, fp16 for bundling) in place of its text encoder, and its ``mode`` DiT without the
+    ``context_embedder`` the adapter replaces."""
     checkpoint, text_dir, out = Path(checkpoint), Path(text_dir), Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -231,11 +233,10 @@ def export_with_text_encoder(checkpoint: str | Path, text_dir: str | Path, out_d
         return [n for n in names if n in replaced or n.startswith(("text_encoder", "tokenizer"))]
 
     shutil.copytree(checkpoint, out, ignore=teacher_text_stack)
-    for item in text_dir.iterdir():
-        if item.is_dir():
-            shutil.copytree(item, out / item.name)
+    TextEncoderBundle.from_pretrained(text_dir).to(dtype).save_pretrained(out)
+    adapter = SUBFOLDERS[mode, "context_adapter"]
+    ContextAdapter.from_pretrained(text_dir / adapter).to(dtype).save_pretrained(out / adapter)
     _drop_context_embedder(out / SUBFOLDERS[mode, "transformer"])
-    ContextAdapter.from_pretrained(out / SUBFOLDERS[mode, "context_adapter"])  # fails early on a bad adapter
     strip_machine_paths(out)
     return out
 
