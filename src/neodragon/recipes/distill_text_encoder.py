@@ -233,9 +233,9 @@ def export_with_text_encoder(checkpoint: str | Path, text_dir: str | Path, out_d
         return [n for n in names if n in replaced or n.startswith(("text_encoder", "tokenizer"))]
 
     shutil.copytree(checkpoint, out, ignore=teacher_text_stack)
-    TextEncoderBundle.from_pretrained(text_dir).to(dtype).save_pretrained(out)
+    TextEncoderBundle.from_pretrained(text_dir).to(dtype).save_pretrained(out)  # all fp16 on disk; loads in float32
     adapter = SUBFOLDERS[mode, "context_adapter"]
-    ContextAdapter.from_pretrained(text_dir / adapter).to(dtype).save_pretrained(out / adapter)
+    ContextAdapter.from_pretrained(text_dir / adapter, torch_dtype=dtype).save_pretrained(out / adapter)
     _drop_context_embedder(out / SUBFOLDERS[mode, "transformer"])
     strip_machine_paths(out)
     return out
