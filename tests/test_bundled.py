@@ -1,4 +1,5 @@
-"""The trained nano teacher that ships in the package: present, small, fp16, and the default model."""
+"""The trained nano teacher that ships in the package: present, small, fp16, and the default model; its first-frame
+generator runs hybrid mode on request."""
 
 import warnings
 from pathlib import Path
@@ -40,3 +41,18 @@ def test_default_model_is_the_bundled_teacher(bundle):
     video = pipe("a red circle moving to the right", generator=generator, num_inference_steps=1,
                  video_num_inference_steps=1, output_type="pt").frames
     assert video.shape == (1, 17, 3, 128, 128) and torch.isfinite(video).all()
+
+
+
+def test_bundled_hybrid_mode_makes_frame_0_with_the_first_frame_generator(bundle):
+    from neodragon.models.first_frame import LatentFirstFrameGenerator
+
+    pipe = load_pipeline("nano", mode="hybrid")
+    assert isinstance(pipe.first_frame_generator, LatentFirstFrameGenerator)
+    pipe.set_progress_bar_config(disable=True)
+    run = dict(num_frames=9, video_num_inference_steps=1, output_type="latent")
+    latents = pipe("a red circle moving to the right", generator=torch.Generator().manual_seed(0), **run).frames
+    frame0 = pipe.first_frame_generator.first_frame_latents(pipe, ["a red circle moving to the right"], "", 128, 128,
+                                                            torch.Generator().manual_seed(0))
+    assert latents.shape == (1, 8, 2, 16, 16)
+    torch.testing.assert_close(latents[:, :, :1], frame0)

@@ -184,6 +184,9 @@ def test_one_step_writes_the_student_and_the_checkpoint(run):
         assert (checkpoint / name).is_dir(), name
     assert not (checkpoint / "text_encoder" / "sentence_encoder.json").exists()
     assert json.loads((checkpoint / DIT / "config.json").read_text())["use_context_embedder"] is False
+    # the teacher's first-frame generator reads the text stack the student replaced: left out
+    assert not (checkpoint / "first_frame_unet").exists()
+    assert json.loads((checkpoint / "pipeline_config.json").read_text())["first_frame"] == "pyramid_dit"
     student = [*checkpoint.glob("text_encoder*/*.safetensors"), *checkpoint.glob("context_adapter*/*.safetensors")]
     assert len(student) == 4
     for weights in student:  # stored fp16, for bundling

@@ -147,6 +147,15 @@ def test_hybrid_export_loads_and_generates(hybrid, tmp_path):
     assert NeodragonPipeline.from_pretrained(hybrid, mode="monolithic").first_frame_generator is None
 
 
+def test_hybrid_export_can_keep_the_default_mode(trained, tmp_path):
+    kept = export_hybrid("nano", trained / "final", tmp_path / "model", hybrid_default=False)
+    config = json.loads((kept / PIPELINE_CONFIG).read_text())
+    assert config["default_mode"] == "monolithic" and config["first_frame"] == "latent_unet"
+    assert NeodragonPipeline.from_pretrained(kept).first_frame_generator is None
+    assert isinstance(NeodragonPipeline.from_pretrained(kept, mode="hybrid").first_frame_generator,
+                      LatentFirstFrameGenerator)
+
+
 def test_hybrid_errors_say_what_to_do(hybrid, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(hybrid, broken, ignore=shutil.ignore_patterns(LATENT_UNET_SUBFOLDER))

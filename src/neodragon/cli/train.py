@@ -222,12 +222,15 @@ def export_hybrid(generator_dir: Path = typer.Option(..., "--first-frame", help=
                   output: Path = typer.Option(..., "--output", "-o", help="Checkpoint folder to write."),
                   model: str = typer.Option("nano", "--model", help="The monolithic checkpoint to extend."),
                   steps: int = typer.Option(20, "--first-frame-steps", help="The generator's Euler steps."),
-                  guidance: float = typer.Option(4.0, "--first-frame-guidance", help="The generator's CFG scale.")
+                  guidance: float = typer.Option(4.0, "--first-frame-guidance", help="The generator's CFG scale."),
+                  hybrid_default: bool = typer.Option(True, "--hybrid-default/--keep-default-mode", help="Make "
+                                                      "hybrid the folder's default mode, or keep the model's own "
+                                                      "(hybrid then runs with --mode hybrid).")
                   ) -> None:
-    """Write ``model`` with the first-frame generator added and hybrid mode as its default."""
+    """Write ``model`` with the first-frame generator added (and hybrid mode as its default)."""
     from ..recipes.first_frame import export_hybrid as export
 
-    typer.echo(f"wrote {export(model, generator_dir, output, steps, guidance)}")
+    typer.echo(f"wrote {export(model, generator_dir, output, steps, guidance, hybrid_default=hybrid_default)}")
 
 
 @app.command("sr")

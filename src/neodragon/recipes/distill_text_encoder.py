@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from ..eval.prompts import PROMPT_SETS, load_prompt_set
 from ..models.context_adapter import ContextAdapter
+from ..models.first_frame import LATENT_UNET_SUBFOLDER
 from ..models.text import StudentTextConfig, TextEncoderBundle, TextEncoding, student_text_stack, subset_tokenizer
-from ..pipelines.neodragon import SUBFOLDERS, NeodragonPipeline
+from ..pipelines.neodragon import SUBFOLDERS, NeodragonPipeline, PipelineConfig
 from ..presets import NANO_VOCAB, load_pipeline, local_folder
 from ..training.text_distillation import (
     TextDistillation,
@@ -221,7 +223,8 @@ def export_with_text_encoder(checkpoint: str | Path, text_dir: str | Path, out_d
                              dtype: torch.dtype = torch.float16) -> Path:
     """``checkpoint`` copied to ``out_dir`` with the student text stack and ContextAdapter of ``text_dir`` (cast to
     ``dtype``, fp16 for bundling) in place of its text encoder, and its ``mode`` DiT without the
-    ``context_embedder`` the adapter replaces."""
+    ``context_embedder`` the adapter replaces. A latent first-frame generator reads the teacher's text stack, so it
+    is left out: hybrid mode then makes frame 0 with the multi-step DiT."""
     checkpoint, text_dir, out = Path(checkpoint), Path(text_dir), Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -230,13 +233,17 @@ def export_with_text_encoder(checkpoint: str | Path, text_dir: str | Path, out_d
     def teacher_text_stack(folder: str, names: list[str]) -> list[str]:
         if Path(folder) != checkpoint:
             return []
-        return [n for n in names if n in replaced or n.startswith(("text_encoder", "tokenizer"))]
+        readers = ("text_encoder", "tokenizer", LATENT_UNET_SUBFOLDER)
+        return [n for n in names if n in replaced or n.startswith(readers)]
 
     shutil.copytree(checkpoint, out, ignore=teacher_text_stack)
     TextEncoderBundle.from_pretrained(text_dir).to(dtype).save_pretrained(out)  # all fp16 on disk; loads in float32
     adapter = SUBFOLDERS[mode, "context_adapter"]
     ContextAdapter.from_pretrained(text_dir / adapter, torch_dtype=dtype).save_pretrained(out / adapter)
     _drop_context_embedder(out / SUBFOLDERS[mode, "transformer"])
+    config = PipelineConfig.load(out)
+    if config.first_frame == "latent_unet":
+        replace(config, first_frame="pyramid_dit").save(out)
     strip_machine_paths(out)
     return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,14 +52,17 @@ def train_first_frame(config: TrainConfig, latents_dir: str | Path | Sequence[st
 
 def export_hybrid(checkpoint: str | Path, generator_dir: str | Path, out_dir: str | Path,
                   num_inference_steps: int = 20, guidance_scale: float = 4.0,
-                  dtype: torch.dtype = torch.float16) -> Path:
+                  dtype: torch.dtype = torch.float16, hybrid_default: bool = True) -> Path:
     """``checkpoint`` (a monolithic folder) copied to ``out_dir`` with the first-frame generator of
-    ``generator_dir`` (a `train first-frame` ``final/``, cast to ``dtype``) and hybrid mode as its default
+    ``generator_dir`` (a `train first-frame` ``final/``, cast to ``dtype``) and hybrid mode
     (``PipelineConfig.with_latent_first_frame``): frame 0 from the generator, the later frames from the
-    checkpoint's multi-step DiT."""
+    checkpoint's multi-step DiT. Hybrid becomes the default mode unless ``hybrid_default`` is False."""
     source, out = local_folder(checkpoint), Path(out_dir)
     generator = LatentFirstFrameGenerator.from_pretrained(generator_dir, torch_dtype=dtype)
-    config = PipelineConfig.load(source).with_latent_first_frame(num_inference_steps, guidance_scale)
+    original = PipelineConfig.load(source)
+    config = original.with_latent_first_frame(num_inference_steps, guidance_scale)
+    if not hybrid_default:
+        config = replace(config, default_mode=original.default_mode)
     with atomic_folder(out, overwrite=True) as tmp:
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(LATENT_UNET_SUBFOLDER), dirs_exist_ok=True)
         generator.save_pretrained(tmp)
