@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -298,8 +298,7 @@ def test_bundled_vae_encodes_latents_with_the_bundles_statistics(tmp_path):
     pipeline_config = json.loads((bundle / "pipeline_config.json").read_text())
     assert not set(LATENT_STATISTICS) & set(pipeline_config)  # the VAE's config alone holds them
     # what export-teacher writes, then export-hybrid --keep-default-mode (the bundled first-frame generator)
-    teacher = nano_teacher_preset().pipeline
-    replace(teacher.with_latent_first_frame(20, 4.0), default_mode=teacher.default_mode).save(tmp_path)
+    nano_teacher_preset().pipeline.with_latent_first_frame(20, 4.0, hybrid_default=False).save(tmp_path)
     assert json.loads((tmp_path / "pipeline_config.json").read_text()) == pipeline_config
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_video_vae(tmp_path / "missing")

@@ -112,14 +112,15 @@ class PipelineConfig:
     def save(self, root: Path) -> None:
         (root / PIPELINE_CONFIG).write_text(json.dumps(asdict(self), indent=2))
 
-    def with_latent_first_frame(self, steps: int, guidance: float) -> PipelineConfig:
-        """This (monolithic) config made hybrid by default: frame 0 from the ``latent_unet`` generator with
-        ``steps`` and ``guidance``, the later frames from the multi-step DiT with the monolithic mode's later-frame
-        steps and guidance."""
+    def with_latent_first_frame(self, steps: int, guidance: float, hybrid_default: bool = True) -> PipelineConfig:
+        """This (monolithic) config with a hybrid mode, its default unless ``hybrid_default`` is False: frame 0 from
+        the ``latent_unet`` generator with ``steps`` and ``guidance``, the later frames from the multi-step DiT with
+        the monolithic mode's later-frame steps and guidance."""
         later = self.modes["monolithic"]
         hybrid = ModeDefaults(later.video_num_inference_steps, later.video_num_inference_steps,
                               later.video_guidance_scale, later.video_guidance_scale)
-        return replace(self, default_mode="hybrid", first_frame="latent_unet", hybrid_dit="multistep",
+        default_mode = "hybrid" if hybrid_default else self.default_mode
+        return replace(self, default_mode=default_mode, first_frame="latent_unet", hybrid_dit="multistep",
                        first_frame_steps=steps, first_frame_guidance=guidance, modes={**self.modes, "hybrid": hybrid})
 
 

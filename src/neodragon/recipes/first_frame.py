@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,10 +58,7 @@ def export_hybrid(checkpoint: str | Path, generator_dir: str | Path, out_dir: st
     checkpoint's multi-step DiT. Hybrid becomes the default mode unless ``hybrid_default`` is False."""
     source, out = local_folder(checkpoint), Path(out_dir)
     generator = LatentFirstFrameGenerator.from_pretrained(generator_dir, torch_dtype=dtype)
-    original = PipelineConfig.load(source)
-    config = original.with_latent_first_frame(num_inference_steps, guidance_scale)
-    if not hybrid_default:
-        config = replace(config, default_mode=original.default_mode)
+    config = PipelineConfig.load(source).with_latent_first_frame(num_inference_steps, guidance_scale, hybrid_default)
     with atomic_folder(out, overwrite=True) as tmp:
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(LATENT_UNET_SUBFOLDER), dirs_exist_ok=True)
         generator.save_pretrained(tmp)
